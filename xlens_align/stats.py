@@ -1,0 +1,295 @@
+"""Streaming float64 statistics of paired activations.
+
+`CrossStats` keeps, for one pair of activation streams X [n, d_x] and Y [n, d_y], the count,
+the means and the *centred* co-moment matrices S_xx, S_yy, S_xy (sums of outer products of
+deviations from the mean). Batches are merged exactly with Chan et al.'s pairwise update, so
+the result equals the statistics of the concatenated data up to float64 rounding, whatever the
+batch sizes, and memory does not depend on the number of rows.
+
+`StatsGrid` does the same for every (point of A, point of B) pair of a layer grid, sharing the
+per-point moments between pairs so that each point's X^T X is accumulated once.
+
+Everything is accumulated in float64, whatever dtype comes in (fp16 squared norms overflow).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+__all__ = ["CrossStats", "Moments", "StatsGrid", "check_finite"]
+
+
+def check_finite(x: Tensor, name: str) -> None:
+    """Raise ValueError naming `name` and the first bad rows if `x` holds inf or NaN."""
+    if not torch.is_floating_point(x):
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        rows = torch.nonzero(bad.reshape(x.shape[0], -1).any(dim=1)).flatten()[:8].tolist() if x.ndim else []
+        raise ValueError(
+            f"{name} contains {int(bad.sum())} non-finite values (inf/NaN); first bad rows: {rows}. "
+            "Filter or clamp activations before accumulating."
+        )
+
+
+def _as_2d_f64(x: Tensor, name: str, device: torch.device | None = None) -> Float[Tensor, "n d"]:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [n, d], got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must have shape [n, d], got shape {tuple(x.shape)}")
+    check_finite(x, name)
+    return x.to(device=device if device is not None else x.device, dtype=torch.float64)
+
+
+@dataclass
+class Moments:
+    """Count, mean and centred co-moment S = sum (x - mean)(x - mean)^T of one stream."""
+
+    n: int
+    mean: Float[Tensor, " d"]
+    s: Float[Tensor, "d d"]
+
+    @classmethod
+    def empty(cls, d: int, device: torch.device | str = "cpu") -> Moments:
+        z = torch.zeros(d, dtype=torch.float64, device=device)
+        return cls(0, z, torch.zeros(d, d, dtype=torch.float64, device=device))
+
+    @classmethod
+    def of(cls, x: Float[Tensor, "n d"]) -> Moments:
+        mean = x.mean(0)
+        xc = x - mean
+        return cls(x.shape[0], mean, xc.T @ xc)
+
+    @property
+    def d(self) -> int:
+        return self.mean.shape[0]
+
+    def merge_(self, other: Moments) -> Moments:
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            self.n, self.mean, self.s = other.n, other.mean.clone(), other.s.clone()
+            return self
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        self.s = self.s + other.s + torch.outer(delta, delta) * (self.n * other.n / n)
+        self.mean = self.mean + delta * (other.n / n)
+        self.n = n
+        return self
+
+    def covariance(self, ddof: int = 1) -> Float[Tensor, "d d"]:
+        if self.n - ddof <= 0:
+            raise ValueError(f"covariance needs more than {ddof} rows, have {self.n}")
+        return self.s / (self.n - ddof)
+
+    def gram(self) -> Float[Tensor, "d d"]:
+        """Uncentred X^T X."""
+        return self.s + self.n * torch.outer(self.mean, self.mean)
+
+
+@dataclass
+class CrossStats:
+    """Streaming float64 statistics of a paired stream (X, Y): n, means, S_xx, S_yy, S_xy.
+
+    >>> st = CrossStats.empty(d_x, d_y)
+    >>> for X, Y in batches: st.update(X, Y)
+    >>> st.cov_xy  # [d_x, d_y], unbiased
+    """
+
+    x: Moments
+    y: Moments
+    sxy: Float[Tensor, "dx dy"]
+
+    @classmethod
+    def empty(cls, d_x: int, d_y: int, device: torch.device | str = "cpu") -> CrossStats:
+        for name, d in (("d_x", d_x), ("d_y", d_y)):
+            if not isinstance(d, int) or d <= 0:
+                raise ValueError(f"{name} must be a positive int, got {d!r}")
+        return cls(
+            Moments.empty(d_x, device),
+            Moments.empty(d_y, device),
+            torch.zeros(d_x, d_y, dtype=torch.float64, device=device),
+        )
+
+    @classmethod
+    def from_data(cls, X: Float[Tensor, "n dx"], Y: Float[Tensor, "n dy"]) -> CrossStats:
+        st = cls.empty(X.shape[-1], Y.shape[-1], device=X.device)
+        return st.update(X, Y)
+
+    # -- accumulation -------------------------------------------------------------------------
+    def update(self, X: Float[Tensor, "n dx"], Y: Float[Tensor, "n dy"]) -> CrossStats:
+        dev = self.sxy.device
+        X = _as_2d_f64(X, "X", dev)
+        Y = _as_2d_f64(Y, "Y", dev)
+        if X.shape[0] != Y.shape[0]:
+            raise ValueError(f"X and Y must have the same number of rows, got {X.shape[0]} and {Y.shape[0]}")
+        if X.shape[1] != self.d_x or Y.shape[1] != self.d_y:
+            raise ValueError(
+                f"expected X [n, {self.d_x}] and Y [n, {self.d_y}], got {tuple(X.shape)} and {tuple(Y.shape)}"
+            )
+        if X.shape[0] == 0:
+            return self
+        mx, my = X.mean(0), Y.mean(0)
+        Xc, Yc = X - mx, Y - my
+        batch = CrossStats(Moments(X.shape[0], mx, Xc.T @ Xc), Moments(Y.shape[0], my, Yc.T @ Yc), Xc.T @ Yc)
+        return self.merge_(batch)
+
+    def merge_(self, other: CrossStats) -> CrossStats:
+        """Merge `other` into self in place (exact, Chan et al.)."""
+        if (other.d_x, other.d_y) != (self.d_x, self.d_y):
+            raise ValueError(f"cannot merge stats of shape {other.shape} into {self.shape}")
+        if other.n and self.n:
+            n = self.n + other.n
+            dx = other.x.mean - self.x.mean
+            dy = other.y.mean - self.y.mean
+            self.sxy = self.sxy + other.sxy + torch.outer(dx, dy) * (self.n * other.n / n)
+        elif other.n:
+            self.sxy = other.sxy.clone()
+        self.x.merge_(other.x)
+        self.y.merge_(other.y)
+        return self
+
+    # -- read-outs ----------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return self.x.n
+
+    @property
+    def d_x(self) -> int:
+        return self.x.d
+
+    @property
+    def d_y(self) -> int:
+        return self.y.d
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.d_x, self.d_y)
+
+    @property
+    def mean_x(self) -> Tensor:
+        return self.x.mean
+
+    @property
+    def mean_y(self) -> Tensor:
+        return self.y.mean
+
+    def _need(self, k: int) -> None:
+        if self.n < k:
+            raise ValueError(f"need at least {k} accumulated rows, have {self.n}")
+
+    @property
+    def cov_xx(self) -> Tensor:
+        return self.x.covariance()
+
+    @property
+    def cov_yy(self) -> Tensor:
+        return self.y.covariance()
+
+    @property
+    def cov_xy(self) -> Tensor:
+        self._need(2)
+        return self.sxy / (self.n - 1)
+
+    @property
+    def xtx(self) -> Tensor:
+        return self.x.gram()
+
+    @property
+    def yty(self) -> Tensor:
+        return self.y.gram()
+
+    @property
+    def xty(self) -> Tensor:
+        return self.sxy + self.n * torch.outer(self.x.mean, self.y.mean)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {
+            "n": torch.tensor(self.n, dtype=torch.int64),
+            "mean_x": self.x.mean,
+            "mean_y": self.y.mean,
+            "sxx": self.x.s,
+            "syy": self.y.s,
+            "sxy": self.sxy,
+        }
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, Tensor]) -> CrossStats:
+        n = int(sd["n"])
+        return cls(Moments(n, sd["mean_x"], sd["sxx"]), Moments(n, sd["mean_y"], sd["syy"]), sd["sxy"])
+
+
+class StatsGrid:
+    """Streaming statistics for every requested (point of A, point of B) pair at once.
+
+    Each point's own moments are accumulated once and shared by every pair that uses it;
+    the cross co-moment is accumulated per pair. `grid[pa, pb]` returns a `CrossStats`.
+    """
+
+    def __init__(
+        self,
+        points_a: Iterable[str],
+        points_b: Iterable[str],
+        pairs: Iterable[tuple[str, str]] | None = None,
+    ) -> None:
+        self.points_a = list(points_a)
+        self.points_b = list(points_b)
+        if not self.points_a or not self.points_b:
+            raise ValueError("points_a and points_b must each name at least one point")
+        self.pairs = list(pairs) if pairs is not None else [(a, b) for a in self.points_a for b in self.points_b]
+        for a, b in self.pairs:
+            if a not in self.points_a or b not in self.points_b:
+                raise ValueError(f"pair ({a!r}, {b!r}) uses a point not in points_a/points_b")
+        self.moments_a: dict[str, Moments] = {}
+        self.moments_b: dict[str, Moments] = {}
+        self.cross: dict[tuple[str, str], Tensor] = {}
+
+    @property
+    def n(self) -> int:
+        return next(iter(self.moments_a.values())).n if self.moments_a else 0
+
+    def update(self, acts_a: Mapping[str, Tensor], acts_b: Mapping[str, Tensor]) -> StatsGrid:
+        for side, pts, acts in (("a", self.points_a, acts_a), ("b", self.points_b, acts_b)):
+            missing = [p for p in pts if p not in acts]
+            if missing:
+                raise ValueError(f"acts_{side} lacks points {missing}")
+        xs = {p: _as_2d_f64(acts_a[p], f"acts_a[{p!r}]") for p in self.points_a}
+        ys = {p: _as_2d_f64(acts_b[p], f"acts_b[{p!r}]") for p in self.points_b}
+        ns = {t.shape[0] for t in (*xs.values(), *ys.values())}
+        if len(ns) != 1:
+            raise ValueError(f"all activations in one update must have the same number of rows, got {sorted(ns)}")
+        nb = ns.pop()
+        if nb == 0:
+            return self
+        bx = {p: Moments.of(x) for p, x in xs.items()}
+        by = {p: Moments.of(y) for p, y in ys.items()}
+        n0 = self.n
+        n = n0 + nb
+        for a, b in self.pairs:
+            batch = (xs[a] - bx[a].mean).T @ (ys[b] - by[b].mean)
+            if n0 == 0:
+                self.cross[a, b] = batch
+            else:
+                dx = bx[a].mean - self.moments_a[a].mean
+                dy = by[b].mean - self.moments_b[b].mean
+                self.cross[a, b] = self.cross[a, b] + batch + torch.outer(dx, dy) * (n0 * nb / n)
+        for store, batch_m in ((self.moments_a, bx), (self.moments_b, by)):
+            for p, m in batch_m.items():
+                if p in store:
+                    store[p].merge_(m)
+                else:
+                    store[p] = m
+        return self
+
+    def __getitem__(self, key: tuple[str, str]) -> CrossStats:
+        if key not in self.cross:
+            raise KeyError(f"no statistics for pair {key!r}; accumulated pairs: {self.pairs[:6]}...")
+        a, b = key
+        ma, mb = self.moments_a[a], self.moments_b[b]
+        # fresh Moments wrappers: merging into the returned object never mutates the grid
+        return CrossStats(Moments(ma.n, ma.mean, ma.s), Moments(mb.n, mb.mean, mb.s), self.cross[key])
