@@ -12,14 +12,29 @@ from typing import Any
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "points", "tokenizers", "tokens", "models", "stats", "corpus", "activations", "maps",
-    "similarity", "patching", "effects", "report", "plots", "remote", "testing", "cli",
+    "points",
+    "packaged",
+    "tokenizers",
+    "tokens",
+    "models",
+    "stats",
+    "corpus",
+    "activations",
+    "maps",
+    "similarity",
+    "patching",
+    "effects",
+    "report",
+    "plots",
+    "remote",
+    "testing",
+    "cli",
 }
 _EXPORTS = {
     "load_model": "models",
     "LensModel": "models",
     "point_at_depth": "models",
-    "ModelPair": "tokens",
+    "ModelPair": "models",
     "AlignedBatch": "tokens",
     "collect": "activations",
     "PairedBatch": "activations",

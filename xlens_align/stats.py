@@ -241,7 +241,9 @@ class StatsGrid:
         self.points_b = list(points_b)
         if not self.points_a or not self.points_b:
             raise ValueError("points_a and points_b must each name at least one point")
-        self.pairs = list(pairs) if pairs is not None else [(a, b) for a in self.points_a for b in self.points_b]
+        self.pairs = (
+            list(pairs) if pairs is not None else [(a, b) for a in self.points_a for b in self.points_b]
+        )
         for a, b in self.pairs:
             if a not in self.points_a or b not in self.points_b:
                 raise ValueError(f"pair ({a!r}, {b!r}) uses a point not in points_a/points_b")
@@ -262,7 +264,9 @@ class StatsGrid:
         ys = {p: _as_2d_f64(acts_b[p], f"acts_b[{p!r}]") for p in self.points_b}
         ns = {t.shape[0] for t in (*xs.values(), *ys.values())}
         if len(ns) != 1:
-            raise ValueError(f"all activations in one update must have the same number of rows, got {sorted(ns)}")
+            raise ValueError(
+                f"all activations in one update must have the same number of rows, got {sorted(ns)}"
+            )
         nb = ns.pop()
         if nb == 0:
             return self

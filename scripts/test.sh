@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (or reuse) .venv and run the test suite (ruff, then pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check xlens_align tests benchmarks
+exec .venv/bin/python -m pytest -q -ra "$@"

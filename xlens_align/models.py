@@ -1,0 +1,409 @@
+"""`LensModel`: a TransformerLens `TransformerBridge` with uniform residual-point names.
+
+`load_model(source)` accepts a local Hugging Face model directory, a GGUF file, an in-memory
+HF model (plus tokenizer), a hub id (where a hub or the local HF cache serves it) or the name
+of a packaged model (`"smollm2-135m"`, `"gemma3-270m"`). The bridge is left in its default mode,
+which keeps Hugging Face's numerics: ``resid_pre.L`` equals HF ``hidden_states[L]`` and ``final``
+equals ``hidden_states[-1]``, so maps fit here apply unchanged to raw HF / nnsight models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from . import packaged
+from .points import Point, all_points, parse_point
+from .points import point_at_depth as _point_at_depth
+
+__all__ = ["SUPPORTED_FAMILIES", "LensModel", "ModelPair", "load_model", "point_at_depth"]
+
+# HF architecture -> family name. These have been checked to expose every residual point with the
+# same hook names through TransformerBridge (tests/test_models.py).
+SUPPORTED_FAMILIES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Gemma3ForCausalLM": "gemma3",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+def _supported_message() -> str:
+    fams = ", ".join(f"{f} ({a})" for a, f in SUPPORTED_FAMILIES.items())
+    return f"supported families: {fams}"
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once every requested point was captured."""
+
+
+class LensModel:
+    """A `TransformerBridge` plus tokenizer with uniform residual points.
+
+    Attributes: `bridge`, `tokenizer`, `tokenizer_path`, `family`, `name`, `model_id`,
+    `config_hash`, `d_model`, `n_layers`, `n_ctx`, `points`, `device`, `dtype`, `bridge_mode`.
+    """
+
+    def __init__(self, bridge: Any, tokenizer: Any, tokenizer_path: str | Path, name: str) -> None:
+        self.bridge = bridge
+        self.tokenizer = tokenizer
+        self.tokenizer_path = Path(tokenizer_path)
+        self.name = name
+        hf_config = self.hf_model.config
+        arch = type(self.hf_model).__name__
+        self.family = SUPPORTED_FAMILIES[arch]
+        self.d_model: int = int(bridge.cfg.d_model)
+        self.n_layers: int = int(bridge.cfg.n_layers)
+        text_cfg = getattr(hf_config, "text_config", hf_config)
+        self.n_ctx: int = int(getattr(text_cfg, "max_position_embeddings", None) or bridge.cfg.n_ctx)
+        self.sliding_window: int | None = getattr(text_cfg, "sliding_window", None)
+        self.points: list[str] = all_points(self.n_layers)
+        self.config_hash: str = config_hash(hf_config)
+        self.bridge_mode = "compat" if getattr(bridge, "compatibility_mode", False) else "hf"
+
+    # -- identity --------------------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        return self.name
+
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        return self.bridge.original_model
+
+    @property
+    def hf_config(self) -> Any:
+        return self.hf_model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's pad id, or its eos id when it has none (padding is always masked)."""
+        tok = self.tokenizer
+        for tid in (tok.pad_token_id, tok.eos_token_id, 0):
+            if tid is not None:
+                return int(tid)
+        return 0
+
+    def __repr__(self) -> str:
+        return (
+            f"LensModel({self.name!r}, family={self.family!r}, n_layers={self.n_layers}, "
+            f"d_model={self.d_model}, device={self.device}, dtype={self.dtype})"
+        )
+
+    # -- points ----------------------------------------------------------------------------------
+    def point(self, point: str | Point) -> Point:
+        """Resolve a point name (negative layers allowed); ValueError lists the valid names."""
+        return parse_point(point, self.n_layers)
+
+    def hook_name(self, point: str | Point) -> str:
+        """TransformerLens hook name of `point`, e.g. 'resid_post.3' -> 'blocks.3.hook_resid_post'."""
+        return self.point(point).hook_name()
+
+    def point_at_depth(self, fraction: float, kind: str = "resid_post") -> str:
+        return _point_at_depth(self.n_layers, fraction, kind)
+
+    # -- running ---------------------------------------------------------------------------------
+    def to_tokens(self, texts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Tokenize with BOS as the tokenizer adds it, right-padded: (input_ids, attention_mask)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        enc = [self.tokenizer(t)["input_ids"] for t in texts]
+        T = max(len(e) for e in enc)
+        ids = torch.full((len(enc), T), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(enc), T), dtype=torch.long)
+        for i, e in enumerate(enc):
+            ids[i, : len(e)] = torch.tensor(e, dtype=torch.long)
+            mask[i, : len(e)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def forward(
+        self,
+        input_ids: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        fwd_hooks: Sequence[tuple[str, Any]] = (),
+    ) -> Float[Tensor, "batch pos vocab"]:
+        """Logits of the bridge with optional extra TransformerLens hooks (point names allowed)."""
+        hooks = [(self._hook(n), f) for n, f in fwd_hooks]
+        return self.bridge.run_with_hooks(
+            input_ids, fwd_hooks=hooks, **_forward_kwargs(input_ids, attention_mask)
+        )
+
+    def _hook(self, name: str) -> str:
+        """Accept a point name or a raw TransformerLens hook name."""
+        if name in self.bridge.hook_dict:
+            return name
+        return self.hook_name(name)
+
+    def run_with_points(
+        self,
+        input_ids: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"] | None,
+        points: Sequence[str],
+        *,
+        return_logits: bool = False,
+        fwd_hooks: Sequence[tuple[str, Any]] = (),
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """Capture the residual stream at `points` in one forward pass.
+
+        Hooks sit only on the requested points. Without `return_logits` the pass stops right
+        after the deepest point: through TransformerLens's `stop_at_layer` when the deepest
+        point lies before the last block, and by ending the pass from the deepest point's hook
+        otherwise (so the unembedding, the largest matrix of a 128k-vocabulary model, is skipped).
+        Returns (logits or None, {point: [batch, pos, d_model]}), points under the names given.
+        """
+        if not points:
+            raise ValueError("points must name at least one residual point")
+        resolved = {p: self.point(p) for p in points}
+        by_hook: dict[str, list[str]] = {}
+        for name, pt in resolved.items():
+            by_hook.setdefault(pt.hook_name(), []).append(name)
+        deepest = max(resolved.values(), key=lambda p: p.depth(self.n_layers))
+        stop_at: int | None = None
+        raise_after: str | None = None
+        if not return_logits:
+            if deepest.kind == "final" or (deepest.kind != "embed" and deepest.layer == self.n_layers - 1):
+                raise_after = deepest.hook_name()
+            else:
+                stop_at = 0 if deepest.kind == "embed" else deepest.layer + 1
+                if stop_at == 0:
+                    raise_after = deepest.hook_name()
+                    stop_at = None
+        store: dict[str, Tensor] = {}
+
+        def capture(hook_name: str):
+            def fn(x: Tensor, hook: Any) -> Tensor:
+                for n in by_hook[hook_name]:
+                    store[n] = x
+                if hook_name == raise_after:
+                    raise _StopForward
+                return x
+
+            return fn
+
+        hooks = [(self._hook(n), f) for n, f in fwd_hooks]
+        hooks += [(h, capture(h)) for h in by_hook]
+        kw = _forward_kwargs(input_ids, attention_mask)
+        logits = None
+        try:
+            out = self.bridge.run_with_hooks(input_ids, fwd_hooks=hooks, stop_at_layer=stop_at, **kw)
+            logits = out if return_logits else None
+        except _StopForward:
+            pass
+        missing = [p for p in points if p not in store]
+        if missing:
+            raise RuntimeError(f"the forward pass did not reach points {missing} (hooks never fired)")
+        return logits, {p: store[p] for p in points}
+
+
+def _forward_kwargs(input_ids: Tensor, attention_mask: Tensor | None) -> dict[str, Any]:
+    if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
+        raise ValueError(
+            f"input_ids must be a [batch, pos] LongTensor, got {getattr(input_ids, 'shape', input_ids)}"
+        )
+    kw: dict[str, Any] = {}
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        kw["attention_mask"] = attention_mask
+    return kw
+
+
+def point_at_depth(model: LensModel, fraction: float, kind: str = "resid_post") -> str:
+    """The point at relative depth `fraction` of `model` (see `points.point_at_depth`)."""
+    return model.point_at_depth(fraction, kind)
+
+
+def config_hash(hf_config: Any) -> str:
+    """Short sha256 of the architecture-defining fields of an HF config."""
+    d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+    drop = {
+        "_name_or_path",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "attn_implementation",
+        "use_cache",
+        "name_or_path",
+    }
+    keep = {k: v for k, v in sorted(d.items()) if k not in drop and not k.startswith("_")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------------
+
+
+def load_model(
+    source: str | os.PathLike | torch.nn.Module,
+    tokenizer: Any = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    name: str | None = None,
+) -> LensModel:
+    """Load a model and wrap it in a TransformerBridge (default, HF-numerics mode).
+
+    source: a packaged model name (`"smollm2-135m"`, `"gemma3-270m"`), a local HF model
+    directory, a `.gguf` file, an in-memory HF causal LM (then `tokenizer` is required: a
+    tokenizer object or a directory), or a hub id (served by a hub or the local HF cache).
+    tokenizer: a directory, or a tokenizer object (saved to the cache, since TransformerLens
+    needs a tokenizer saved to a directory); default: the model's own.
+    The HF model passed in is changed in place by the bridge: deep-copy it first if needed.
+    """
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+    device = torch.device(device)
+    if isinstance(source, torch.nn.Module):
+        if tokenizer is None:
+            raise ValueError(
+                "tokenizer is required when source is an in-memory model (a directory or object)"
+            )
+        hf_model = source
+        model_name = name or getattr(hf_model.config, "_name_or_path", None) or type(hf_model).__name__
+    elif isinstance(source, (str, os.PathLike)):
+        hf_model, tok_default, model_name = _load_hf(str(source), dtype)
+        tokenizer = tokenizer if tokenizer is not None else tok_default
+        model_name = name or model_name
+    else:
+        raise TypeError(
+            "source must be a packaged model name, a path, a hub id or an HF model, "
+            f"got {type(source).__name__}"
+        )
+    arch = type(hf_model).__name__
+    if arch not in SUPPORTED_FAMILIES:
+        raise ValueError(f"architecture {arch!r} is not supported; {_supported_message()}")
+    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    tok_path = _tokenizer_dir(tokenizer)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_path))
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            str(tok_path), hf_model=hf_model, tokenizer=tok, device=str(device)
+        )
+    except (ValueError, NotImplementedError, KeyError) as e:
+        raise ValueError(f"TransformerBridge could not wrap {arch}: {e}; {_supported_message()}") from e
+    bridge.eval()
+    return LensModel(bridge, tok, tok_path, model_name)
+
+
+def _load_hf(source: str, dtype: torch.dtype) -> tuple[torch.nn.Module, str, str]:
+    """(hf_model, tokenizer directory, name) for a path / packaged name / hub id."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM
+
+    if source in packaged.PACKAGED:
+        path = packaged.materialize(source)
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype), str(path), source
+    p = Path(source).expanduser()
+    if p.is_file():
+        path = packaged.gguf_to_cache(p)
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype), str(path), p.name
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(
+                f"source directory {str(p)!r} has no config.json: not a Hugging Face model dir"
+            )
+        return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype), str(p), p.name
+    looks_like_path = source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") > 1
+    if looks_like_path or "/" not in source:
+        raise FileNotFoundError(
+            f"source {source!r} is not an existing path, a packaged model ({sorted(packaged.PACKAGED)}) "
+            "or a hub id of the form 'org/name'"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"hub id {source!r} is not available: no hub reachable and not in the local HF cache ({e})"
+        ) from e
+    return model, source, source
+
+
+def _tokenizer_dir(tokenizer: Any) -> Path:
+    """A directory holding the tokenizer (saving an in-memory one into the cache)."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        p = Path(tokenizer).expanduser()
+        if p.is_dir():
+            return p
+        if "/" in str(tokenizer) and not p.exists() and str(tokenizer).count("/") == 1:
+            return Path(str(tokenizer))  # hub id served by the local cache
+        raise FileNotFoundError(f"tokenizer directory {str(p)!r} does not exist")
+    if not hasattr(tokenizer, "save_pretrained"):
+        raise TypeError(f"tokenizer must be a directory or an HF tokenizer, got {type(tokenizer).__name__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        digest = hashlib.sha256()
+        for f in sorted(Path(tmp).iterdir()):
+            digest.update(f.name.encode())
+            digest.update(f.read_bytes())
+        dest = packaged.cache_dir() / "tokenizers" / f"saved-{digest.hexdigest()[:16]}"
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=dest.parent))
+            for f in Path(tmp).iterdir():
+                shutil.copy2(f, staging / f.name)
+            with contextlib.suppress(OSError):
+                staging.rename(dest)
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
+# ------------------------------------------------------------------------------------------------
+# pairs
+# ------------------------------------------------------------------------------------------------
+
+
+class ModelPair:
+    """Two `LensModel`s compared position by position on the same texts."""
+
+    def __init__(self, a: LensModel, b: LensModel) -> None:
+        for side, m in (("a", a), ("b", b)):
+            if not isinstance(m, LensModel):
+                raise TypeError(
+                    f"{side} must be a LensModel (xlens_align.load_model), got {type(m).__name__}"
+                )
+        self.a, self.b = a, b
+
+    def __iter__(self) -> Iterator[LensModel]:
+        return iter((self.a, self.b))
+
+    def __repr__(self) -> str:
+        return f"ModelPair(a={self.a.name!r}, b={self.b.name!r})"
+
+    @property
+    def same_tokenizer(self) -> bool:
+        return self.a.tokenizer_path == self.b.tokenizer_path
+
+    def align(self, texts: Sequence[str], **kwargs: Any):
+        """Tokenize `texts` with both models' tokenizers and align chunks (see `tokens.align`)."""
+        from .tokens import align
+
+        kwargs.setdefault("max_length", min(self.a.n_ctx, self.b.n_ctx))
+        return align(self.a.tokenizer, self.b.tokenizer, texts, **kwargs)
