@@ -244,6 +244,7 @@ def config_hash(hf_config: Any) -> str:
         "_attn_implementation",
         "_attn_implementation_autoset",
         "attn_implementation",
+        "architectures",
         "use_cache",
         "name_or_path",
     }
@@ -296,6 +297,8 @@ def load_model(
     if arch not in SUPPORTED_FAMILIES:
         raise ValueError(f"architecture {arch!r} is not supported; {_supported_message()}")
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    if not getattr(hf_model.config, "architectures", None):
+        hf_model.config.architectures = [arch]  # the bridge picks its adapter from this field
     tok_path = _tokenizer_dir(tokenizer)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformer_lens.model_bridge import TransformerBridge
