@@ -1,0 +1,134 @@
+"""collect: paired rows equal a direct HF forward at the aligned positions; filters; errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import xlens_align as xa
+from xlens_align.stats import CrossStats, StatsGrid
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog near the riverbank.",
+    "def f(x):\n    return {'a': x ** 2}  # 数字 🙂 café",
+    "In 1969, 3.14159 people landed on the Moon; ¡olé!",
+    "Short.",
+    "Whitespace   runs\t\tand\n\nnewlines  between   words.",
+]
+
+
+@pytest.fixture(scope="module")
+def refs():
+    """Independent HF copies of the tiny pair's models (same seeds, same configs)."""
+    a, _ = xa.testing.tiny_hf("llama", n_layers=4, seed=0)
+    b, _ = xa.testing.tiny_hf("mistral", n_layers=4, seed=1)
+    return a, b
+
+
+def test_collect_rows_match_direct_hf_forward(tiny_pair, refs):
+    ref_a, ref_b = refs
+    pts_a, pts_b = ["embed", "resid_post.1", "final"], ["resid_pre.2", "resid_mid.3"]
+    batches = list(xa.collect(tiny_pair, TEXTS, pts_a, pts_b, batch_size=2, progress=False))
+    assert len(batches) == 3
+    n_total = 0
+    for k, pb in enumerate(batches):
+        ab = pb.batch
+        with torch.no_grad():
+            ha = ref_a(
+                **{k_: v for k_, v in ab.model_inputs("a").items()}, output_hidden_states=True
+            ).hidden_states
+            hb = ref_b(
+                **{k_: v for k_, v in ab.model_inputs("b").items()}, output_hidden_states=True
+            ).hidden_states
+        m = pb.meta
+        for p in pts_a:
+            assert pb.a[p].dtype == torch.float32 and pb.a[p].shape == (pb.n, 64)
+        expect_a = {"embed": ha[0], "resid_post.1": ha[2], "final": ha[-1]}
+        expect_b = {"resid_pre.2": hb[2]}
+        for p, h in expect_a.items():
+            torch.testing.assert_close(pb.a[p], h[m.row, m.pos_a], atol=1e-5, rtol=0)
+        for p, h in expect_b.items():
+            torch.testing.assert_close(pb.b[p], h[m.row, m.pos_b], atol=1e-5, rtol=0)
+        # rows describe the same text on both sides: same chunk, same characters
+        for i in range(pb.n):
+            text = TEXTS[int(m.text[i])]
+            assert m.text[i] == 2 * k + m.row[i]
+            span = text[int(m.char_start[i]) : int(m.char_end[i])]
+            assert span
+        assert pb.filtered["bos"] == len(ab)
+        n_total += pb.n
+    assert n_total > 50
+
+
+def test_drop_first_and_outlier_filters_are_counted(tiny_pair):
+    (plain,) = xa.collect(tiny_pair, TEXTS, ["resid_post.0"], ["resid_post.0"], batch_size=8, progress=False)
+    (drop,) = xa.collect(
+        tiny_pair, TEXTS, ["resid_post.0"], ["resid_post.0"], batch_size=8, progress=False, drop_first=3
+    )
+    assert drop.filtered["first_k"] > 0
+    assert drop.n == plain.n - drop.filtered["first_k"]
+    assert bool((drop.meta.start_a > 3).all() and (drop.meta.start_b > 3).all())
+    (out,) = xa.collect(
+        tiny_pair,
+        TEXTS,
+        ["resid_post.0"],
+        ["resid_post.0"],
+        batch_size=8,
+        progress=False,
+        outlier_factor=1.05,
+    )
+    assert out.filtered["outliers"] > 0 and out.n == plain.n - out.filtered["outliers"]
+
+
+def test_streamed_stats_equal_concatenated(tiny_pair):
+    grid = xa.activations.accumulate(
+        tiny_pair, TEXTS, ["resid_post.1", "final"], ["resid_pre.2"], batch_size=2, progress=False
+    )
+    rows = list(
+        xa.collect(tiny_pair, TEXTS, ["resid_post.1", "final"], ["resid_pre.2"], batch_size=2, progress=False)
+    )
+    X = torch.cat([pb.a["final"] for pb in rows])
+    Y = torch.cat([pb.b["resid_pre.2"] for pb in rows])
+    direct = CrossStats.from_data(X, Y)
+    st = grid["final", "resid_pre.2"]
+    assert st.n == X.shape[0]
+    torch.testing.assert_close(st.cov_xy, direct.cov_xy, atol=1e-10, rtol=0)
+    torch.testing.assert_close(st.cov_xx, direct.cov_xx, atol=1e-10, rtol=0)
+    assert isinstance(grid, StatsGrid)
+
+
+def test_bad_input(tiny_pair):
+    with pytest.raises(ValueError, match="texts is empty"):
+        next(xa.collect(tiny_pair, [], ["embed"], ["embed"], progress=False))
+    with pytest.raises(ValueError, match="empty"):
+        next(xa.collect(tiny_pair, ["fine", ""], ["embed"], ["embed"], progress=False))
+    with pytest.raises(TypeError, match="list of strings"):
+        next(xa.collect(tiny_pair, "a single string", ["embed"], ["embed"], progress=False))
+    with pytest.raises(ValueError, match=r"points_b: model B .* lacks point 'resid_post\.9'"):
+        next(xa.collect(tiny_pair, TEXTS, ["embed"], ["resid_post.9"], progress=False))
+    with pytest.raises(ValueError, match="batch_size"):
+        next(xa.collect(tiny_pair, TEXTS, ["embed"], ["embed"], batch_size=0, progress=False))
+
+
+def test_nan_and_inf_activations(tiny_pair, monkeypatch):
+    b = tiny_pair.b
+    real = b.run_with_points
+
+    def poisoned(ids, mask, points, **kw):
+        logits, acts = real(ids, mask, points, **kw)
+        acts = {p: v.clone() for p, v in acts.items()}
+        for v in acts.values():
+            v[0, 3, 0] = value
+        return logits, acts
+
+    monkeypatch.setattr(b, "run_with_points", poisoned)
+    value = float("nan")
+    with pytest.raises(
+        ValueError, match=r"model B point 'resid_post\.1': inf/NaN activations .*text 0 position 3"
+    ):
+        next(xa.collect(tiny_pair, TEXTS, ["embed"], ["resid_post.1"], progress=False))
+    value = float("inf")
+    with pytest.raises(ValueError, match="inf/NaN"):
+        next(xa.collect(tiny_pair, TEXTS, ["embed"], ["resid_post.1"], progress=False))
+    pb = next(xa.collect(tiny_pair, TEXTS, ["embed"], ["resid_post.1"], progress=False, clamp=50.0))
+    assert torch.isfinite(pb.b["resid_post.1"]).all() and pb.b["resid_post.1"].abs().max() == 50.0
