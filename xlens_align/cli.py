@@ -1,17 +1,24 @@
-"""`xlens-align` command line."""
+"""`xlens-align` command line.
+
+xlens-align demo            # SmolLM2-135M (A) vs Gemma 3 270M (B) on CPython's pydoc text
+xlens-align demo --tiny     # tiny random-init Llama vs Mistral, real vocabularies (fast)
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
 
-def _log(msg: str) -> None:
+def _log(msg: str = "") -> None:
     print(msg, flush=True)
 
 
@@ -30,48 +37,142 @@ def _load_pair(args: argparse.Namespace):
     return xa.ModelPair(a, b)
 
 
+def _spaced(model: Any, k: int) -> list[str]:
+    """k resid_post points evenly spaced over depth, plus 'embed'."""
+    layers = sorted({round(i * (model.n_layers - 1) / (k - 1)) for i in range(k)})
+    return ["embed", *(f"resid_post.{layer}" for layer in layers)]
+
+
+def _forward_check(pair: Any) -> dict[str, Any]:
+    import torch
+
+    prompt = "The capital of France is"
+    out = {}
+    with torch.no_grad():
+        for side, m in (("A", pair.a), ("B", pair.b)):
+            ids, mask = m.to_tokens(prompt)
+            logits, acts = m.run_with_points(ids, mask, ["final"], return_logits=True)
+            hf = m.hf_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            dl = (logits - hf.logits).abs().max().item()
+            dh = (acts["final"] - hf.hidden_states[-1]).abs().max().item()
+            nxt = m.tokenizer.decode(logits[0, -1].argmax())
+            _log(
+                f"{side}: forward check vs HF: max|logits diff| {dl:.1e}, max|final - hidden_states[-1]| {dh:.1e}"
+            )
+            _log(f"{side}: {prompt!r} -> {nxt!r}")
+            out[side] = {"logits_diff": dl, "final_diff": dh, "next_token": nxt}
+    return out
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
+    import xlens_align as xa
+
     t0 = time.time()
-    _log(
-        f"loading models ({'tiny random-init Llama + Mistral' if args.tiny else f'{args.a} vs {args.b}'}) ..."
-    )
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {}
+    _log(f"== models ({'tiny random-init Llama + Mistral' if args.tiny else f'A={args.a}, B={args.b}'})")
     pair = _load_pair(args)
     for side, m in (("A", pair.a), ("B", pair.b)):
         _log(f"{side}: {m!r}")
         _log(
             f"   {len(m.points)} residual points: {', '.join(m.points[:4])}, ..., {', '.join(m.points[-2:])}"
         )
-        _log(f"   e.g. {m.points[-2]} -> hook {m.hook_name(m.points[-2])}")
-    prompt = "The capital of France is"
-    with torch.no_grad():
-        for side, m in (("A", pair.a), ("B", pair.b)):
-            ids, mask = m.to_tokens(prompt)
-            logits, acts = m.run_with_points(ids, mask, ["resid_pre.0", "final"], return_logits=True)
-            hf = m.hf_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-            dl = (logits - hf.logits).abs().max().item()
-            dh = (acts["final"] - hf.hidden_states[-1]).abs().max().item()
-            nxt = m.tokenizer.decode(logits[0, -1].argmax())
-            _log(
-                f"{side}: forward check vs HF: max|logits diff| {dl:.2e}, max|final - hidden_states[-1]| {dh:.2e}"
-            )
-            _log(f"{side}: {prompt!r} -> {nxt!r}")
-    _log(f"done in {time.time() - t0:.1f} s")
+    report["forward_check"] = _forward_check(pair)
+
+    _log("\n== text and alignment")
+    corpus = xa.corpus.load(args.corpus, seed=0)
+    train = [t[: args.max_chars] for t in corpus.train[: args.n_train]]
+    held = [t[: args.max_chars] for t in corpus.held_out[: args.n_held]]
+    cov = pair.align(train).coverage()
+    _log(
+        f"{len(train)} train / {len(held)} held-out passages of {args.corpus!r}; {int(cov['chunks'])} aligned chunks, "
+        f"{cov['one_to_one_char_coverage']:.3f} of characters in 1:1-token chunks, "
+        f"{cov['tokens_per_chunk_a']:.2f} / {cov['tokens_per_chunk_b']:.2f} tokens per chunk (A / B)"
+    )
+    report["coverage"] = cov
+
+    _log("\n== paired activations (one streamed pass per split)")
+    pts_a, pts_b = _spaced(pair.a, args.points), _spaced(pair.b, args.points)
+    kw = dict(batch_size=args.batch_size, progress=not args.no_progress)
+    tr = list(xa.collect(pair, train, pts_a, pts_b, **kw))
+    ho = list(xa.collect(pair, held, pts_a, pts_b, **kw))
+    n_tr, n_ho = sum(pb.n for pb in tr), sum(pb.n for pb in ho)
+    _log(f"{n_tr} train rows, {n_ho} held-out rows at {len(pts_a)} x {len(pts_b)} points")
+
+    _log(
+        "\n== CKA between every layer pair (debiased minibatch CKA), with and without massive-activation filters"
+    )
+    grids = {}
+    for label, filters in (("filtered", ("drop_massive",)), ("unfiltered", ())):
+        g = xa.similarity.grid_from_batches(
+            tr, "cka", pts_a, pts_b, filters=filters, model_a=pair.a.name, model_b=pair.b.name
+        )
+        grids[label] = g
+        path = out_dir / f"cka_{label}.html"
+        g.save_html(path)
+        _log(f"{label}: {g.n_tokens} rows -> {path}")
+    best = grids["filtered"].best_match()
+    _log(
+        "best-matching point of B for each point of A (filtered): "
+        + ", ".join(f"{a}->{b} ({v:.2f})" for a, (b, v) in best.items())
+    )
+    report["cka"] = {k: json.loads(g.to_json()) for k, g in grids.items()}
+
+    _log("\n== alignment maps (fit on train, scored on held-out), drop_first=1")
+    src, tgt = pts_a[len(pts_a) // 2], pts_b[len(pts_b) // 2]
+
+    def both(batches: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = [(pb.meta.start_a >= 2) & (pb.meta.start_b >= 2) for pb in batches]
+        X = torch.cat([pb.a[src][k] for pb, k in zip(batches, keep, strict=True)])
+        Y = torch.cat([pb.b[tgt][k] for pb, k in zip(batches, keep, strict=True)])
+        return X, Y
+
+    X, Y = both(tr)
+    Xh, Yh = both(ho)
+    g = torch.Generator().manual_seed(0)
+    maps_report = {}
+    for name, m in (
+        ("affine(cv)", xa.maps.Affine(alpha="cv")),
+        ("procrustes", xa.maps.Procrustes(scale=True)),
+        ("lowrank(32)", xa.maps.LowRank(rank=32, alpha=1.0)),
+    ):
+        m.fit(X, Y)
+        s = m.score(Xh, Yh)
+        maps_report[name] = s
+        _log(f"{name:12s} {src} -> {tgt}: held-out R^2 {s['r2']:.3f}, cosine {s['cosine']:.3f}")
+    shuffled = xa.maps.Affine(alpha="cv").fit(X, Y[torch.randperm(Y.shape[0], generator=g)]).score(Xh, Yh)
+    _log(f"{'control':12s} affine(cv) fit on shuffled pairs: held-out R^2 {shuffled['r2']:.3f}")
+    maps_report["shuffled_control"] = shuffled
+    report["maps"] = {"source": src, "target": tgt, **maps_report}
+
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    _log(f"\nreport: {out_dir / 'report.json'}; done in {time.time() - t0:.1f} s")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    p = argparse.ArgumentParser(prog="xlens-align", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="xlens-align", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run the main job on the embedded default models and text")
     d.add_argument("--a", default="smollm2-135m", help="model A (packaged name, path or hub id)")
     d.add_argument("--b", default="gemma3-270m", help="model B (packaged name, path or hub id)")
     d.add_argument("--tiny", action="store_true", help="use tiny random-init Llama/Mistral instead (fast)")
+    d.add_argument("--corpus", default="pydoc", help="corpus spec for xlens_align.corpus.load")
+    d.add_argument("--n-train", type=int, default=48)
+    d.add_argument("--n-held", type=int, default=16)
+    d.add_argument("--max-chars", type=int, default=400, help="passages are cut to this many characters")
+    d.add_argument("--points", type=int, default=6, help="resid_post points per model in the grids")
+    d.add_argument("--batch-size", type=int, default=8)
     d.add_argument("--device", default="cpu")
     d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    d.add_argument("--out", default="out/demo", help="folder for the report")
+    d.add_argument("--out", default="out/demo", help="folder for the report and heatmaps")
+    d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
     args = p.parse_args(argv)
     return int(args.func(args))
