@@ -98,11 +98,16 @@ class MinibatchCKA:
             if not isinstance(t, Tensor) or t.ndim != 2:
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"{name} must be a Tensor [n, d], got {shape}")
-            check_finite(t, name)
+            if not torch.is_floating_point(t):
+                check_finite(t, name)  # raises the TypeError
             d = self._dims.setdefault((side, p), t.shape[1])
             if t.shape[1] != d:
                 raise ValueError(f"{name} has {t.shape[1]} features, earlier updates had {d}")
             out.append(t)
+        # one device sync for all points; the per-tensor check only runs to name the culprit
+        if out and not bool(torch.stack([torch.isfinite(t).all().to(out[0].device) for t in out]).all()):
+            for p, t in zip(points, out, strict=True):
+                check_finite(t, f"acts_{side}[{p!r}]")
         return out
 
     def update(
