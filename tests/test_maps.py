@@ -355,12 +355,12 @@ def test_score_exact_and_shuffled():
     assert Procrustes().fit(X, X @ orthogonal(8, 3)).score(X, X @ orthogonal(8, 3))["r2"] == pytest.approx(
         1.0
     )
-    # fit and score on shuffled pairs: nothing to explain
-    Xs = randn(6000, 8, seed=162)
-    Ys = randn(6000, 5, seed=163)
+    # shuffled pairs: the relation is gone, a map fit on them explains ~nothing held out
+    Xs = aniso(6000, 8, seed=162)
+    Ys = (Xs @ randn(8, 5, seed=163) + randn(6000, 5, seed=164))[torch.randperm(6000, generator=gen(165))]
     m = Affine().fit(Xs[:4000], Ys[:4000])
     held = m.score(Xs[4000:], Ys[4000:])
-    assert abs(held["r2"]) < 0.02 and abs(held["cosine"]) < 0.05
+    assert abs(held["r2"]) < 0.02 and abs(held["r2_mean"]) < 0.02
     assert held["fvu"] == pytest.approx(1 - held["r2"])
 
 

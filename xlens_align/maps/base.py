@@ -114,9 +114,9 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """Deterministic (train, validation) row indices: a seeded permutation, `fraction` held out."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"validation fraction must be in (0, 1), got {fraction!r}")
-    n_val = min(max(1, round(fraction * n)), n - 1)
     if n < 2:
         raise ValueError(f"need at least 2 rows to hold some out, got {n}")
+    n_val = min(max(1, round(fraction * n)), n - 1)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
