@@ -116,6 +116,13 @@ class CrossStats:
             torch.zeros(d_x, d_y, dtype=torch.float64, device=device),
         )
 
+    def copy(self) -> CrossStats:
+        return CrossStats(
+            Moments(self.x.n, self.x.mean.clone(), self.x.s.clone()),
+            Moments(self.y.n, self.y.mean.clone(), self.y.s.clone()),
+            self.sxy.clone(),
+        )
+
     @classmethod
     def from_data(cls, X: Float[Tensor, "n dx"], Y: Float[Tensor, "n dy"]) -> CrossStats:
         st = cls.empty(X.shape[-1], Y.shape[-1], device=X.device)
@@ -270,18 +277,22 @@ class StatsGrid:
         nb = ns.pop()
         if nb == 0:
             return self
-        bx = {p: Moments.of(x) for p, x in xs.items()}
-        by = {p: Moments.of(y) for p, y in ys.items()}
+        # centre each point once per batch; every pair then costs one in-place matrix product
+        xc = {p: x - x.mean(0) for p, x in xs.items()}
+        yc = {p: y - y.mean(0) for p, y in ys.items()}
+        bx = {p: Moments(nb, xs[p].mean(0), c.T @ c) for p, c in xc.items()}
+        by = {p: Moments(nb, ys[p].mean(0), c.T @ c) for p, c in yc.items()}
         n0 = self.n
         n = n0 + nb
         for a, b in self.pairs:
-            batch = (xs[a] - bx[a].mean).T @ (ys[b] - by[b].mean)
             if n0 == 0:
-                self.cross[a, b] = batch
+                self.cross[a, b] = xc[a].T @ yc[b]
             else:
                 dx = bx[a].mean - self.moments_a[a].mean
                 dy = by[b].mean - self.moments_b[b].mean
-                self.cross[a, b] = self.cross[a, b] + batch + torch.outer(dx, dy) * (n0 * nb / n)
+                cross = self.cross[a, b]
+                cross.addmm_(xc[a].T, yc[b])
+                cross.addr_(dx, dy, alpha=n0 * nb / n)
         for store, batch_m in ((self.moments_a, bx), (self.moments_b, by)):
             for p, m in batch_m.items():
                 if p in store:
@@ -295,5 +306,9 @@ class StatsGrid:
             raise KeyError(f"no statistics for pair {key!r}; accumulated pairs: {self.pairs[:6]}...")
         a, b = key
         ma, mb = self.moments_a[a], self.moments_b[b]
-        # fresh Moments wrappers: merging into the returned object never mutates the grid
-        return CrossStats(Moments(ma.n, ma.mean, ma.s), Moments(mb.n, mb.mean, mb.s), self.cross[key])
+        # a snapshot: later updates of the grid (in place) and merges into the result stay apart
+        return CrossStats(
+            Moments(ma.n, ma.mean.clone(), ma.s.clone()),
+            Moments(mb.n, mb.mean.clone(), mb.s.clone()),
+            self.cross[key].clone(),
+        )
