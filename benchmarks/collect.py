@@ -37,13 +37,17 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--points", choices=["middle", "last", "all"], default="middle")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
 
     kw = dict(n_layers=args.layers, d_model=args.d_model, n_heads=8, n_kv_heads=2, d_mlp=3 * args.d_model)
     hf_a, tok_a = xa.testing.tiny_hf("llama", seed=0, **kw)
     hf_b, tok_b = xa.testing.tiny_hf("mistral", seed=1, **kw)
-    ref_a, ref_b = copy.deepcopy(hf_a), copy.deepcopy(hf_b)
-    pair = xa.ModelPair(xa.load_model(hf_a, tokenizer=tok_a), xa.load_model(hf_b, tokenizer=tok_b))
+    ref_a, ref_b = copy.deepcopy(hf_a).to(args.device), copy.deepcopy(hf_b).to(args.device)
+    dev = args.device
+    pair = xa.ModelPair(
+        xa.load_model(hf_a, tokenizer=tok_a, device=dev), xa.load_model(hf_b, tokenizer=tok_b, device=dev)
+    )
     texts = [t[:600] for t in xa.corpus.load("pydoc").train[: args.texts]]
     if args.points == "middle":
         pts_a, pts_b = [pair.a.point_at_depth(0.5)], [pair.b.point_at_depth(0.5)]
@@ -51,6 +55,10 @@ def main() -> None:
         pts_a, pts_b = ["final"], ["final"]
     else:
         pts_a, pts_b = pair.a.points, pair.b.points
+
+    def sync() -> None:
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
 
     def baseline() -> int:
         n = 0
@@ -61,12 +69,13 @@ def main() -> None:
                     ids, mask = m.to_tokens(chunk)
                     ref(input_ids=ids, attention_mask=mask, output_hidden_states=True)
                     n += int(mask.sum())
+        sync()
         return n
 
     def ours() -> int:
-        return sum(
-            pb.n for pb in xa.collect(pair, texts, pts_a, pts_b, batch_size=args.batch, progress=False)
-        )
+        n = sum(pb.n for pb in xa.collect(pair, texts, pts_a, pts_b, batch_size=args.batch, progress=False))
+        sync()
+        return n
 
     baseline()
     n_pairs = ours()
