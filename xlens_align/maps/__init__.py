@@ -10,6 +10,7 @@ fitted state ends in ``_``, `transform`, `score`) and save to one safetensors fi
 >>> m.save("m.safetensors"); m2 = load("m.safetensors", a=model_a, b=model_b)
 """
 
+from xlens_align.maps.adapter import Adapter, patched_loss, train_adapter
 from xlens_align.maps.base import (
     AlignmentMap,
     NotFittedError,
@@ -18,6 +19,8 @@ from xlens_align.maps.base import (
     regression_scores,
     split_indices,
 )
+from xlens_align.maps.grid import fit_grid
+from xlens_align.maps.injection import EmbeddingInjection
 from xlens_align.maps.io import load, read_metadata
 from xlens_align.maps.linear import CCA, Affine, LinearMap, LowRank, Procrustes
 from xlens_align.maps.mlp import MLP
@@ -39,4 +42,9 @@ __all__ = [
     "registry",
     "regression_scores",
     "split_indices",
+    "Adapter",
+    "EmbeddingInjection",
+    "fit_grid",
+    "patched_loss",
+    "train_adapter",
 ]
