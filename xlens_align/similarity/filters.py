@@ -22,11 +22,15 @@ Filter = Callable[[Acts, Acts], tuple[Acts, Acts]]
 
 class DropMassiveRows:
     """Drop the rows (tokens) whose L2 norm at any point of either model exceeds `max_ratio`
-    times that point's median row norm in the batch (both models lose the same rows)."""
+    times that point's median row norm in the batch (both models lose the same rows).
+
+    The default ratio 5 was set on SmolLM2-135M / pydoc: ordinary tokens' norms stay within
+    ~1.2x of the median (90th percentile), while the massive-activation tokens reach 9x (layer 4)
+    to 175x (layer 12) through one dimension; a ratio of 20 missed those of layers 2-8."""
 
     name = "drop_massive"
 
-    def __init__(self, max_ratio: float = 20.0) -> None:
+    def __init__(self, max_ratio: float = 5.0) -> None:
         if not max_ratio > 1.0:
             raise ValueError(f"max_ratio must be > 1, got {max_ratio!r}")
         self.max_ratio = float(max_ratio)
