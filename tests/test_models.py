@@ -223,3 +223,30 @@ def test_model_pair_requires_lens_models(tiny_llama_ref):
     lens, ref = tiny_llama_ref
     with pytest.raises(TypeError, match="b must be a LensModel"):
         xa.ModelPair(lens, ref)
+
+
+def test_hub_id_served_by_local_hf_cache(tmp_path):
+    """A hub id loads offline when the local Hugging Face cache holds it (no hub reachable)."""
+    import os
+    import subprocess
+    import sys
+
+    hf, _ = xa.testing.tiny_hf("mistral", n_layers=2, seed=5)
+    snap = tmp_path / "hub" / "models--tiny-org--tiny-mistral" / "snapshots" / ("0" * 40)
+    hf.save_pretrained(snap)
+    xa.tokenizers.mistral_v1().save_pretrained(snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = (
+        "import xlens_align as xa; m = xa.load_model('tiny-org/tiny-mistral'); "
+        "print(m.family, m.n_layers, m.name)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["mistral", "2", "tiny-org/tiny-mistral"]
+    code_missing = "import xlens_align as xa; xa.load_model('tiny-org/not-there')"
+    out = subprocess.run(
+        [sys.executable, "-c", code_missing], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode != 0 and "hub id 'tiny-org/not-there' is not available" in out.stderr
