@@ -27,8 +27,9 @@ GGUF_MAGIC = b"GGUF"
 
 def cache_dir() -> Path:
     """Root of xlens-align's cache: ``$XLENS_ALIGN_CACHE`` or ``~/.cache/xlens_align``."""
-    root = os.environ.get("XLENS_ALIGN_CACHE") or Path.home() / ".cache" / "xlens_align"
-    return Path(root)
+    from .tokenizers import default_cache_dir
+
+    return default_cache_dir()
 
 
 def _package_dir(module: str, pip_spec: str) -> Path:
