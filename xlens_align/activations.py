@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .stats import StatsGrid
 from .tokens import AlignedBatch, RowMeta
 
-__all__ = ["PairedBatch", "accumulate", "collect", "filter_rows"]
+__all__ = ["PairedBatch", "accumulate", "collect", "filter_rows", "massive_rows"]
 
 
 @dataclass
@@ -109,16 +109,27 @@ def filter_rows(
         counts["first_k"] = int((keep & ~first).sum())
         keep &= first
     if outlier_factor is not None:
-        if outlier_factor <= 1:
-            raise ValueError(f"outlier_factor must be > 1, got {outlier_factor}")
-        out = torch.zeros_like(keep)
-        for x in acts:
-            norms = x.norm(dim=1)
-            med = norms[keep].median() if keep.any() else norms.median()
-            out |= norms.to(keep.device) > outlier_factor * med
+        out = massive_rows(acts, outlier_factor, among=keep)
         counts["outliers"] = int((keep & out).sum())
         keep &= ~out
     return keep, counts
+
+
+def massive_rows(acts: Sequence[Tensor], factor: float, among: Tensor | None = None) -> Tensor:
+    """Rows whose L2 norm in any of `acts` ([n, d] each) exceeds `factor` x that tensor's median
+    row norm (over the rows in `among`, default all): the massive-activation tokens."""
+    if not factor > 1:
+        raise ValueError(f"the outlier factor must be > 1, got {factor!r}")
+    n = acts[0].shape[0]
+    device = acts[0].device
+    among = torch.ones(n, dtype=torch.bool, device=device) if among is None else among.to(device)
+    out = torch.zeros(n, dtype=torch.bool, device=device)
+    for x in acts:
+        norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).to(device)
+        med = norms[among].median() if among.any() else norms.median()
+        if float(med) > 0:
+            out |= norms > factor * med
+    return out
 
 
 def collect(

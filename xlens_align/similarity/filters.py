@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
+
+from xlens_align.activations import massive_rows
 
 __all__ = ["Clamp", "DropMassiveRows", "resolve_filters"]
 
@@ -42,12 +43,7 @@ class DropMassiveRows:
         if not tensors:
             return dict(acts_a), dict(acts_b)
         n = tensors[0].shape[0]
-        keep = torch.ones(n, dtype=torch.bool, device=tensors[0].device)
-        for t in tensors:
-            norms = torch.linalg.vector_norm(t, dim=1, dtype=torch.float64)
-            med = norms.median()
-            if float(med) > 0:
-                keep &= (norms <= self.max_ratio * med).to(keep.device)
+        keep = ~massive_rows(tensors, self.max_ratio)
         self.rows_seen += n
         dropped = int(n - keep.sum())
         self.rows_dropped += dropped
