@@ -132,3 +132,18 @@ def test_nan_and_inf_activations(tiny_pair, monkeypatch):
         next(xa.collect(tiny_pair, TEXTS, ["embed"], ["resid_post.1"], progress=False))
     pb = next(xa.collect(tiny_pair, TEXTS, ["embed"], ["resid_post.1"], progress=False, clamp=50.0))
     assert torch.isfinite(pb.b["resid_post.1"]).all() and pb.b["resid_post.1"].abs().max() == 50.0
+
+
+def test_long_texts_follow_the_chosen_overflow_policy(tiny_pair):
+    long = ["word " * 60]
+    with pytest.raises(ValueError, match="longer than|exceeds|max_length"):
+        next(xa.collect(tiny_pair, long, ["embed"], ["embed"], max_length=20, progress=False))
+    (trunc,) = xa.collect(
+        tiny_pair, long, ["embed"], ["embed"], max_length=20, overflow="truncate", progress=False
+    )
+    assert bool(trunc.batch.truncated.all()) and trunc.n < 60
+    (win,) = xa.collect(
+        tiny_pair, long, ["embed"], ["embed"], max_length=20, overflow="windows", progress=False
+    )
+    assert len(win.batch) > 1 and win.n >= 55  # every word lands in some window
+    assert bool((win.meta.text == 0).all())
