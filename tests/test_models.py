@@ -250,3 +250,10 @@ def test_hub_id_served_by_local_hf_cache(tmp_path):
         [sys.executable, "-c", code_missing], env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode != 0 and "hub id 'tiny-org/not-there' is not available" in out.stderr
+
+
+def test_top_level_api_resolves():
+    for name in xa.__all__:
+        assert getattr(xa, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = xa.nope

@@ -24,9 +24,6 @@ _SUBMODULES = {
     "similarity",
     "patching",
     "effects",
-    "report",
-    "plots",
-    "remote",
     "testing",
     "cli",
 }
