@@ -96,7 +96,8 @@ def test_jsonl_field(tmp_path):
 
 
 def test_datasets_sources(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # installed with transformer-lens
+
     ds = datasets.Dataset.from_dict(
         {"text": [f"row {i} of a dataset" for i in range(6)], "n": list(range(6))}
     )
