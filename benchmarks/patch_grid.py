@@ -94,15 +94,8 @@ def build_maps(pair, sources, targets, kind: str) -> dict:
             for i, s in enumerate(sources)
             for j, t in enumerate(targets)
         }
-    xs: dict[str, list] = {s: [] for s in sources}
-    ys: dict[str, list] = {t: [] for t in targets}
-    for pb in xa.collect(pair, FIT, sources, targets, batch_size=8, progress=False):
-        for s in sources:
-            xs[s].append(pb.a[s])
-        for t in targets:
-            ys[t].append(pb.b[t])
-    X = {s: torch.cat(v) for s, v in xs.items()}
-    Y = {t: torch.cat(v) for t, v in ys.items()}
+    rows = xa.activations.collect_all(pair, FIT, sources, targets, batch_size=8, progress=False)
+    X, Y = rows.a, rows.b
     return {
         (s, t): xa.maps.Procrustes(scale=True)
         .fit(X[s], Y[t])

@@ -147,3 +147,20 @@ def test_long_texts_follow_the_chosen_overflow_policy(tiny_pair):
     )
     assert len(win.batch) > 1 and win.n >= 55  # every word lands in some window
     assert bool((win.meta.text == 0).all())
+
+
+def test_collect_all_concatenates_batches(tiny_pair):
+    parts = list(
+        xa.collect(tiny_pair, TEXTS, ["resid_post.0"], ["final"], batch_size=2, drop_first=1, progress=False)
+    )
+    whole = xa.activations.collect_all(
+        tiny_pair, TEXTS, ["resid_post.0"], ["final"], batch_size=2, drop_first=1, progress=False
+    )
+    assert whole.n == sum(pb.n for pb in parts) and whole.batch is None
+    assert torch.equal(whole.a["resid_post.0"], torch.cat([pb.a["resid_post.0"] for pb in parts]))
+    assert torch.equal(whole.meta.text, torch.cat([pb.meta.text for pb in parts]))
+    assert whole.filtered["first_k"] == sum(pb.filtered["first_k"] for pb in parts)
+    with pytest.raises(ValueError, match="coverage is per aligned batch"):
+        whole.coverage()
+    with pytest.raises(ValueError, match="nothing to concatenate"):
+        xa.activations.concat([])

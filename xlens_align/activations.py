@@ -20,6 +20,7 @@ raises).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 from .stats import StatsGrid
 from .tokens import AlignedBatch, RowMeta
 
-__all__ = ["PairedBatch", "accumulate", "collect", "filter_rows", "massive_rows"]
+__all__ = ["PairedBatch", "accumulate", "collect", "collect_all", "concat", "filter_rows", "massive_rows"]
 
 
 @dataclass
@@ -42,7 +43,7 @@ class PairedBatch:
     a: dict[str, Float[Tensor, "n da"]]
     b: dict[str, Float[Tensor, "n db"]]
     meta: RowMeta
-    batch: AlignedBatch
+    batch: AlignedBatch | None  # None for rows concatenated over several batches (`collect_all`)
     filtered: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -50,6 +51,8 @@ class PairedBatch:
         return len(self.meta)
 
     def coverage(self) -> dict[str, float]:
+        if self.batch is None:
+            raise ValueError("coverage is per aligned batch; this PairedBatch concatenates several")
         return self.batch.coverage()
 
 
@@ -196,6 +199,41 @@ def _run(model: Any, ab: AlignedBatch, side: str, points: list[str]) -> dict[str
     mask = inputs["attention_mask"].to(model.device)
     _, acts = model.run_with_points(ids, mask, points)
     return acts
+
+
+def concat(parts: Sequence[PairedBatch]) -> PairedBatch:
+    """Concatenate paired batches into one (rows in order; filter counts summed)."""
+    if not parts:
+        raise ValueError("nothing to concatenate: no paired batches")
+    meta = RowMeta(
+        **{f.name: torch.cat([getattr(pb.meta, f.name) for pb in parts]) for f in dataclasses.fields(RowMeta)}
+    )
+    filtered: dict[str, int] = {}
+    for pb in parts:
+        for k, v in pb.filtered.items():
+            filtered[k] = filtered.get(k, 0) + v
+    return PairedBatch(
+        a={p: torch.cat([pb.a[p] for pb in parts]) for p in parts[0].a},
+        b={p: torch.cat([pb.b[p] for pb in parts]) for p in parts[0].b},
+        meta=meta,
+        batch=None,
+        filtered=filtered,
+    )
+
+
+def collect_all(
+    pair: Any,
+    texts: Sequence[str],
+    points_a: Sequence[str] | str | None = None,
+    points_b: Sequence[str] | str | None = None,
+    **collect_kw: Any,
+) -> PairedBatch:
+    """All of `collect`'s rows in one `PairedBatch` (see `concat`).
+
+    Holds every row in memory: for maps that need raw pairs (MLP, adapters) and small corpora.
+    Streaming consumers (statistics, minibatch CKA) should iterate `collect` instead.
+    """
+    return concat(list(collect(pair, texts, points_a, points_b, **collect_kw)))
 
 
 def accumulate(

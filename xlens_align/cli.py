@@ -94,9 +94,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     report["coverage"] = cov
 
-    _log("\n== paired activations (one streamed pass per split)")
+    _log(
+        "\n== paired activations (one streamed pass per split; drop_first=1: the first text token, where massive activations sit, is left out)"
+    )
     pts_a, pts_b = _spaced(pair.a, args.points), _spaced(pair.b, args.points)
-    kw = dict(batch_size=args.batch_size, progress=not args.no_progress)
+    kw = dict(batch_size=args.batch_size, progress=not args.no_progress, drop_first=1)
     tr = list(xa.collect(pair, train, pts_a, pts_b, **kw))
     ho = list(xa.collect(pair, held, pts_a, pts_b, **kw))
     n_tr, n_ho = sum(pb.n for pb in tr), sum(pb.n for pb in ho)
@@ -121,17 +123,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     report["cka"] = {k: json.loads(g.to_json()) for k, g in grids.items()}
 
-    _log("\n== alignment maps (fit on train, scored on held-out), drop_first=1")
+    _log("\n== alignment maps (fit on train, scored on held-out)")
     src, tgt = pts_a[len(pts_a) // 2], pts_b[len(pts_b) // 2]
 
-    def both(batches: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        keep = [(pb.meta.start_a >= 2) & (pb.meta.start_b >= 2) for pb in batches]
-        X = torch.cat([pb.a[src][k] for pb, k in zip(batches, keep, strict=True)])
-        Y = torch.cat([pb.b[tgt][k] for pb, k in zip(batches, keep, strict=True)])
-        return X, Y
-
-    X, Y = both(tr)
-    Xh, Yh = both(ho)
+    fit_rows, held_rows = xa.activations.concat(tr), xa.activations.concat(ho)
+    X, Y = fit_rows.a[src], fit_rows.b[tgt]
+    Xh, Yh = held_rows.a[src], held_rows.b[tgt]
     g = torch.Generator().manual_seed(0)
     maps_report = {}
     for name, m in (
@@ -155,9 +152,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     }
     for m in fitted.values():
         m.bind(a=pair.a, b=pair.b, source=src, target=tgt)
-    Xe = torch.cat([pb.a[src] for pb in tr])
-    Ye = torch.cat([pb.b["embed"] for pb in tr])
-    inj = xa.maps.EmbeddingInjection(base_params={"alpha": "cv"}).fit(Xe, Ye).bind(a=pair.a, b=pair.b, source=src, target="embed")
+    inj = (
+        xa.maps.EmbeddingInjection(base_params={"alpha": "cv"})
+        .fit(X, fit_rows.b["embed"])
+        .bind(a=pair.a, b=pair.b, source=src, target="embed")
+    )
     ab_texts = train[: max(4, len(train) // 4)]
     effects = []
     for name, m, target in [*((n, m, tgt) for n, m in fitted.items()), ("embedding injection", inj, "embed")]:

@@ -763,30 +763,20 @@ def _fit_maps(
             "maps given as fit functions need fit_texts=... (texts to fit them on, distinct from the "
             "evaluation texts)"
         )
-    from .activations import collect
+    from .activations import collect_all
 
-    srcs = list(dict.fromkeys(s for s, _ in fns))
-    tgts = list(dict.fromkeys(t for _, t in fns))
-    xs: dict[str, list[Tensor]] = {s: [] for s in srcs}
-    ys: dict[str, list[Tensor]] = {t: [] for t in tgts}
-    kw = {k: v for k, v in align_kw.items() if v is not None}
-    for pb in collect(
+    rows = collect_all(
         pair,
         _check_texts(fit_texts, "fit_texts"),
-        srcs,
-        tgts,
+        list(dict.fromkeys(s for s, _ in fns)),
+        list(dict.fromkeys(t for _, t in fns)),
         batch_size=batch_size,
         policy="last",
         drop_first=drop_first,
         progress=progress,
-        **kw,
-    ):
-        for s in srcs:
-            xs[s].append(pb.a[s])
-        for t in tgts:
-            ys[t].append(pb.b[t])
-    X = {s: torch.cat(v) for s, v in xs.items()}
-    Y = {t: torch.cat(v) for t, v in ys.items()}
+        **{k: v for k, v in align_kw.items() if v is not None},
+    )
+    X, Y = rows.a, rows.b
     fitted = {}
     for (s, t), fn in fns.items():
         m = _fit_one(fn, X[s], Y[t])
