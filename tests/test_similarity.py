@@ -591,3 +591,41 @@ def test_grid_degenerate_point_is_named():
     with pytest.warns(S.DegenerateInputWarning, match="flat"):
         g = S.grid_from_batches(_batches(a, b, 60), "procrustes", filters=())
     assert torch.allclose(g.values[3], torch.full((4,), math.sqrt(2), dtype=F64))
+
+
+def test_grid_controls_on_request():
+    """Related pairs get small permutation p-values and intervals around the value; unrelated don't."""
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(600, 8, generator=g)
+    a = {"a0": z @ torch.randn(8, 16, generator=g) + 0.1 * torch.randn(600, 16, generator=g)}
+    b = {
+        "related": z @ torch.randn(8, 12, generator=g) + 0.1 * torch.randn(600, 12, generator=g),
+        "noise": torch.randn(600, 12, generator=g),
+    }
+    batches = [
+        ({k: v[i : i + 100] for k, v in a.items()}, {k: v[i : i + 100] for k, v in b.items()})
+        for i in range(0, 600, 100)
+    ]
+    grid = S.grid_from_batches(
+        batches, "cka", filters=(), n_perm=49, n_boot=40, control_rows=300, minibatch_size=100
+    )
+    ctl = grid.extra["controls"]
+    assert ctl["rows"] == 300 and ctl["n_perm"] == 49 and ctl["alternative"] == "greater"
+    p = grid.extra["p_values"][0]
+    assert p[0] == pytest.approx(1 / 50)  # no shuffle reaches the related pair's CKA
+    assert p[1] > 0.05
+    lo, hi = grid.extra["ci_low"][0], grid.extra["ci_high"][0]
+    related = S.cka(
+        torch.cat([x["a0"] for x, _ in batches])[:300], torch.cat([y["related"] for _, y in batches])[:300]
+    )
+    assert lo[0] < hi[0] and lo[0] > 0.5 and hi[1] < 0.5
+    assert 0.5 < related
+    back = S.Grid.from_json(grid.to_json())
+    assert back.extra["p_values"] == grid.extra["p_values"]
+    # distances test the other tail
+    dist = S.grid_from_batches(batches, "procrustes", filters=(), n_perm=19, control_rows=200)
+    assert dist.extra["controls"]["alternative"] == "less" and dist.extra["p_values"][0][0] == pytest.approx(
+        1 / 20
+    )
+    with pytest.raises(ValueError, match="n_perm must be an int >= 0"):
+        S.grid_from_batches(batches, "cka", n_perm=-1)

@@ -200,10 +200,26 @@ def grid_from_batches(
     progress: bool = False,
     model_a: str = "A",
     model_b: str = "B",
+    n_perm: int = 0,
+    n_boot: int = 0,
+    level: float = 0.95,
+    control_rows: int = 512,
 ) -> Grid:
     """Compute a `Grid` from an iterable of paired batches (objects with `.a` / `.b` dicts
     point -> Tensor [n, d] with equal rows, or ``(a, b)`` tuples). See the module docstring for
-    the measures; `filters` as in `resolve_filters` (default drops massive-activation rows)."""
+    the measures; `filters` as in `resolve_filters` (default drops massive-activation rows).
+
+    Statistical controls on request: with ``n_perm > 0`` every cell gets a permutation-null
+    p-value (rows of B shuffled, `permutation_test`), with ``n_boot > 0`` a percentile bootstrap
+    interval at `level` (`bootstrap_ci`). Both run the measure's pure function (for "cka" the
+    debiased linear `cka`) on a seeded uniform sample of at most `control_rows` filtered rows, and
+    land in ``grid.extra["p_values"]`` / ``["ci_low"]`` / ``["ci_high"]`` ([P_A][P_B] lists) with
+    ``grid.extra["controls"]`` saying how they were computed. Cost: P_A * P_B * (n_perm + n_boot)
+    evaluations of the measure on `control_rows` rows.
+    """
+    for name_, v in (("n_perm", n_perm), ("n_boot", n_boot)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name_} must be an int >= 0, got {v!r}")
     kw = dict(measure_kw or {})
     if callable(measure):
         name = getattr(measure, "__name__", "custom")
@@ -230,6 +246,7 @@ def grid_from_batches(
         acc = MinibatchCKA(pa, pb, minibatch_size=minibatch_size)
     elif spec is not None:
         store = _RowStore(max_rows, subsample, seed, name)
+    ctrl = _RowStore(control_rows, True, seed, "controls") if (n_perm or n_boot) else None
     rows_seen = rows_in = 0
     for batch in batches:
         a_raw, b_raw = _batch_dicts(batch)
@@ -248,6 +265,8 @@ def grid_from_batches(
         if n == 0:
             continue
         rows_in += n
+        if ctrl is not None:
+            ctrl.add(a, b, n)
         if acc is not None:
             acc.update(a, b)
         elif store is not None:
@@ -290,7 +309,84 @@ def grid_from_batches(
         extra.update(max_rows=max_rows, subsampled=store.full is not None and store.seen > n_tokens)
     if kw:
         extra["measure_kw"] = kw
+    if ctrl is not None:
+        extra.update(_controls(ctrl, name, measure, kw, pa, pb, n_perm, n_boot, level, seed, progress))
     return Grid(values, pa, pb, name, n_tokens, model_a=model_a, model_b=model_b, extra=extra)
+
+
+def _pair_function(
+    name: str, measure: Any, kw: dict[str, Any]
+) -> tuple[Callable[[Tensor, Tensor], float], str]:
+    """The pure function behind a grid measure, and the direction of "more similar"."""
+    from .cka import cka
+
+    if callable(measure):
+        return measure, "greater"
+    table: dict[str, Callable[..., float]] = {
+        "cka": lambda X, Y: cka(X, Y, kernel="linear", debiased=True),
+        "cka_feature": lambda X, Y: cka(X, Y, kernel="linear", debiased=False),
+        "cka_rbf": lambda X, Y: cka(X, Y, kernel="rbf", **kw),
+        "cca": _cca.cca_corr,
+        "svcca": lambda X, Y: _cca.svcca(X, Y, **kw),
+        "pwcca": _cca.pwcca,
+        "procrustes": _geo.procrustes_distance,
+        "mutual_knn": lambda X, Y: _geo.mutual_knn(X, Y, **kw),
+        "rsa": lambda X, Y: _geo.rsa(X, Y, **kw),
+    }
+    return table[name], ("less" if name == "procrustes" else "greater")
+
+
+def _controls(
+    ctrl: _RowStore,
+    name: str,
+    measure: Any,
+    kw: dict[str, Any],
+    pa: list[str],
+    pb: list[str],
+    n_perm: int,
+    n_boot: int,
+    level: float,
+    seed: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """Permutation p-values and bootstrap intervals of every cell, on the sampled rows."""
+    from .controls import bootstrap_ci, permutation_test
+
+    fn, alternative = _pair_function(name, measure, kw)
+    xa, xb = ctrl.rows()
+    n = next(iter(xa.values())).shape[0]
+    out: dict[str, Any] = {
+        "controls": {
+            "rows": n,
+            "n_perm": n_perm,
+            "n_boot": n_boot,
+            "level": level,
+            "seed": seed,
+            "alternative": alternative,
+            "function": getattr(fn, "__name__", name) if callable(measure) else name,
+        }
+    }
+    p_values = [[math.nan] * len(pb) for _ in pa]
+    lo = [[math.nan] * len(pb) for _ in pa]
+    hi = [[math.nan] * len(pb) for _ in pa]
+    bar = tqdm(total=len(pa) * len(pb), desc="controls", disable=not progress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateInputWarning)
+        for i, p in enumerate(pa):
+            for j, q in enumerate(pb):
+                if n_perm:
+                    p_values[i][j] = permutation_test(
+                        fn, xa[p], xb[q], n_perm=n_perm, seed=seed, alternative=alternative
+                    )
+                if n_boot:
+                    lo[i][j], hi[i][j] = bootstrap_ci(fn, xa[p], xb[q], n_boot=n_boot, level=level, seed=seed)
+                bar.update(1)
+    bar.close()
+    if n_perm:
+        out["p_values"] = p_values
+    if n_boot:
+        out["ci_low"], out["ci_high"] = lo, hi
+    return out
 
 
 def _all_pairs(
@@ -349,6 +445,10 @@ def layer_grid(
     subsample: bool = False,
     seed: int = 0,
     measure_kw: Mapping[str, Any] | None = None,
+    n_perm: int = 0,
+    n_boot: int = 0,
+    level: float = 0.95,
+    control_rows: int = 512,
     **collect_kw: Any,
 ) -> Grid:
     """Similarity of every (point of A, point of B) pair over `texts`, as a `Grid`.
@@ -361,6 +461,8 @@ def layer_grid(
     or a callable; options of the measure go in `measure_kw` (e.g. ``{"k": 20}``).
     filters: rows to drop or values to clamp before accumulation (default "drop_massive";
     ``filters=()`` for none; compare both for models with massive activations).
+    n_perm / n_boot / level / control_rows: permutation p-values and bootstrap intervals per cell
+    on request (see `grid_from_batches`).
     """
     pa = list(points_a) if points_a is not None else (_default_points(pair.a) if pair is not None else None)
     pb = list(points_b) if points_b is not None else (_default_points(pair.b) if pair is not None else None)
@@ -388,4 +490,8 @@ def layer_grid(
         progress=progress,
         model_a=str(getattr(getattr(pair, "a", None), "name", "A")),
         model_b=str(getattr(getattr(pair, "b", None), "name", "B")),
+        n_perm=n_perm,
+        n_boot=n_boot,
+        level=level,
+        control_rows=control_rows,
     )
