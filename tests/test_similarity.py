@@ -629,3 +629,21 @@ def test_grid_controls_on_request():
     )
     with pytest.raises(ValueError, match="n_perm must be an int >= 0"):
         S.grid_from_batches(batches, "cka", n_perm=-1)
+
+
+def test_grid_figure_shows_controls_on_hover():
+    g = S.Grid(
+        torch.tensor([[0.9, 0.1]]),
+        ["a0"],
+        ["b0", "b1"],
+        "cka",
+        100,
+        extra={"p_values": [[0.01, 0.6]], "ci_low": [[0.8, -0.05]], "ci_high": [[0.95, 0.2]]},
+    )
+    trace = g.figure().data[0]
+    assert "%{customdata}" in trace.hovertemplate
+    assert trace.customdata[0][0] == "<br>p = 0.01<br>CI [0.800, 0.950]"
+    assert (
+        "customdata"
+        not in S.Grid(torch.tensor([[0.5]]), ["a"], ["b"], "cka", 10).figure().data[0].hovertemplate
+    )

@@ -83,6 +83,15 @@ class Grid:
         import plotly.graph_objects as go
 
         z = [[None if math.isnan(v) else v for v in row] for row in self.values.tolist()]
+        hover = f"{self.model_a}: %{{y}}<br>{self.model_b}: %{{x}}<br>{self.measure} = %{{z:.4f}}"
+        # per-cell controls (layer_grid(..., n_perm=, n_boot=)) go on the hover text
+        notes = [["" for _ in self.points_b] for _ in self.points_a]
+        for key, fmt in (("p_values", "p = {:.3g}"), ("ci_low", "CI [{:.3f}, "), ("ci_high", "{:.3f}]")):
+            for i, row in enumerate(self.extra.get(key) or []):
+                for j, v in enumerate(row):
+                    if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                        notes[i][j] += ("<br>" if key != "ci_high" else "") + fmt.format(v)
+        extra_hover = any(any(row) for row in notes)
         fig = go.Figure(
             go.Heatmap(
                 z=z,
@@ -91,9 +100,8 @@ class Grid:
                 colorscale="Viridis",
                 reversescale=not self.higher_is_better,
                 colorbar={"title": {"text": self.measure}},
-                hovertemplate=(
-                    f"{self.model_a}: %{{y}}<br>{self.model_b}: %{{x}}<br>{self.measure} = %{{z:.4f}}<extra></extra>"
-                ),
+                customdata=notes if extra_hover else None,
+                hovertemplate=hover + ("%{customdata}" if extra_hover else "") + "<extra></extra>",
             )
         )
         fig.update_layout(
