@@ -48,8 +48,12 @@ def main() -> None:
     print(f"characters inside aligned chunks:         {cov['char_coverage']:.4f}")
     print(f"characters in 1:1-token chunks:           {cov['one_to_one_char_coverage']:.4f}")
     print(f"chunks that are one token on both sides:  {cov['one_to_one_chunk_share']:.4f}")
-    print(f"tokens per chunk A / B:                   {cov['tokens_per_chunk_a']:.3f} / {cov['tokens_per_chunk_b']:.3f}")
-    print(f"share of A / B tokens that end a chunk:   {1 / cov['tokens_per_chunk_a']:.4f} / {1 / cov['tokens_per_chunk_b']:.4f}")
+    print(
+        f"tokens per chunk A / B:                   {cov['tokens_per_chunk_a']:.3f} / {cov['tokens_per_chunk_b']:.3f}"
+    )
+    print(
+        f"share of A / B tokens that end a chunk:   {1 / cov['tokens_per_chunk_a']:.4f} / {1 / cov['tokens_per_chunk_b']:.4f}"
+    )
     print(f"verified every {args.verify_every}th row: 0 mismatches; {time.time() - t0:.1f} s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
