@@ -164,3 +164,12 @@ def test_collect_all_concatenates_batches(tiny_pair):
         whole.coverage()
     with pytest.raises(ValueError, match="nothing to concatenate"):
         xa.activations.concat([])
+    # collect's generator straight in: read once, same rows as the list
+    streamed = xa.activations.concat(
+        xa.collect(tiny_pair, TEXTS, ["resid_post.0"], ["final"], batch_size=2, drop_first=1, progress=False)
+    )
+    assert torch.equal(streamed.a["resid_post.0"], whole.a["resid_post.0"])
+    assert torch.equal(streamed.b["final"], whole.b["final"])
+    assert torch.equal(streamed.meta.text, whole.meta.text)
+    with pytest.raises(ValueError, match="nothing to concatenate"):
+        xa.activations.concat(iter([]))

@@ -21,7 +21,7 @@ raises).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,8 +201,12 @@ def _run(model: Any, ab: AlignedBatch, side: str, points: list[str]) -> dict[str
     return acts
 
 
-def concat(parts: Sequence[PairedBatch]) -> PairedBatch:
-    """Concatenate paired batches into one (rows in order; filter counts summed)."""
+def concat(parts: Iterable[PairedBatch]) -> PairedBatch:
+    """Concatenate paired batches into one (rows in order; filter counts summed).
+
+    `parts` may be any iterable, `collect`'s generator included: it is read once.
+    """
+    parts = list(parts)
     if not parts:
         raise ValueError("nothing to concatenate: no paired batches")
     meta = RowMeta(
