@@ -380,6 +380,16 @@ def test_table_and_undefined_recovered(tiny_pair):
     assert "nan*" in tab.text and "no loss gap" in tab.text
     assert [r["mode"] for r in tab.rows] == ["inject", "patch"]
     assert tab.rows[1]["recovered"] == pytest.approx(0.5)
+    assert other.note == ""
+    # an ablation that lowers the loss: recovered is computed, flagged, and the table says why
+    with pytest.warns(RuntimeWarning, match="lowers B's loss"):
+        inverted = E._effect(
+            "resid_post.0", "resid_post.1", "x", E._Sums(22.0, 0.0, 2.0, 2),
+            E._Sums(21.0, 1.0, 1.0, 2), E._Sums(20.0, 2.0, 0.0, 2), 5, "zero", 1, 0,
+        )  # fmt: skip
+    assert inverted.recovered == pytest.approx(0.5) and not inverted.recovered_undefined
+    assert "scale is inverted" in inverted.note
+    assert "scale is inverted" in E.table([inverted]).text
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,6 +29,9 @@ the next-token distributions; top-1 agreement (argmax patched == argmax clean). 
 good as B's own activations, 0 as bad as the ablation. When ``|CE_ablated - CE_clean|`` is
 below ``1e-6 * max(1, CE_clean)`` there is no gap to recover: `recovered` is NaN,
 ``Effect.recovered_undefined`` is True, ``Effect.note`` says why and a RuntimeWarning is issued.
+When the ablation *lowers* B's loss (``CE_ablated < CE_clean``, as on random-init models),
+`recovered` is still computed but its scale is inverted: `note` says so and a RuntimeWarning
+is issued.
 
 Ablation baselines at the same point and positions: ``"zero"`` writes zeros; ``"mean"`` writes
 B's mean activation at `target` over the aligned positions (chunk-last tokens, same
@@ -417,6 +420,14 @@ def _recovered(ce_clean: float, ce_patched: float, ce_ablated: float, target: st
         )
         warnings.warn(note, RuntimeWarning, stacklevel=3)
         return math.nan, True, note
+    if gap < 0:
+        note = (
+            f"the ablation at {target!r} lowers B's loss (CE_ablated - CE_clean = {gap:.3g}), so "
+            f"recovered's scale is inverted and it does not measure how good the patch is: compare "
+            f"CE_patched, KL and top-1 directly"
+        )
+        warnings.warn(note, RuntimeWarning, stacklevel=3)
+        return (ce_ablated - ce_patched) / gap, False, note
     return (ce_ablated - ce_patched) / gap, False, ""
 
 
