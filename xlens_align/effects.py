@@ -418,7 +418,7 @@ def _recovered(ce_clean: float, ce_patched: float, ce_ablated: float, target: st
             f"recovered is undefined (NaN): the ablation at {target!r} does not change B's loss "
             f"(CE_ablated - CE_clean = {gap:.3g}, |gap| <= {tol:.1g}), so there is no loss gap to recover"
         )
-        warnings.warn(note, RuntimeWarning, stacklevel=3)
+        warnings.warn(note, RuntimeWarning, stacklevel=4)  # _recovered < _effect < measure/grid < caller
         return math.nan, True, note
     if gap < 0:
         note = (
@@ -426,7 +426,7 @@ def _recovered(ce_clean: float, ce_patched: float, ce_ablated: float, target: st
             f"recovered's scale is inverted and it does not measure how good the patch is: compare "
             f"CE_patched, KL and top-1 directly"
         )
-        warnings.warn(note, RuntimeWarning, stacklevel=3)
+        warnings.warn(note, RuntimeWarning, stacklevel=4)
         return (ce_ablated - ce_patched) / gap, False, note
     return (ce_ablated - ce_patched) / gap, False, ""
 
@@ -946,12 +946,11 @@ def grid(
             n_patched += plan.n_patched
     seconds = time.perf_counter() - t0
     kind = {c: _map_kind(entries[c]) for c in cells}
-    effects = {
-        c: _effect(
+    effects = {}
+    for c in cells:  # a loop, not a comprehension: _recovered's warnings point at grid's caller
+        effects[c] = _effect(
             c[0], c[1], kind[c], clean, patched[c], ablated[c[1]], n_patched, abl_name, len(texts), drop_first
         )
-        for c in cells
-    }
     S, T = len(srcs), len(tgts)
     mats = {
         k: torch.full((S, T), math.nan, dtype=torch.float64)
