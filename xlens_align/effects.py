@@ -420,6 +420,7 @@ def _recovered(ce_clean: float, ce_patched: float, ce_ablated: float, target: st
         )
         warnings.warn(note, RuntimeWarning, stacklevel=4)  # _recovered < _effect < measure/grid < caller
         return math.nan, True, note
+    note = ""
     if gap < 0:
         note = (
             f"the ablation at {target!r} lowers B's loss (CE_ablated - CE_clean = {gap:.3g}), so "
@@ -427,8 +428,7 @@ def _recovered(ce_clean: float, ce_patched: float, ce_ablated: float, target: st
             f"CE_patched, KL and top-1 directly"
         )
         warnings.warn(note, RuntimeWarning, stacklevel=4)
-        return (ce_ablated - ce_patched) / gap, False, note
-    return (ce_ablated - ce_patched) / gap, False, ""
+    return (ce_ablated - ce_patched) / gap, False, note
 
 
 # ------------------------------------------------------------------------------------------------
