@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import xlens_align as xa
-from xlens_align.points import all_points
+from xlens_align.points import Point, all_points, forward_stop, parse_point
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest. " * 2,
@@ -152,6 +152,60 @@ def test_early_stop_gives_the_same_activations(tiny_llama_ref):
             assert logits is None
             for p in pts:
                 torch.testing.assert_close(part[p], full[p], atol=0, rtol=0)
+
+
+def test_point_objects_are_checked_not_reparsed(tiny_llama_ref):
+    lens, _ = tiny_llama_ref
+    for pt in (Point("resid_post", 2), Point("embed"), Point("final"), Point("resid_mid", 0)):
+        assert parse_point(pt, 3) is pt and lens.point(pt) is pt
+    assert parse_point(Point("resid_pre", -1), 3) == Point("resid_pre", 2)
+    with pytest.raises(
+        ValueError, match=r"layer 3 of point 'resid_post\.3' is out of range .*valid: -3\.\.2"
+    ):
+        parse_point(Point("resid_post", 3), 3)
+    with pytest.raises(ValueError, match=r"unknown point 'resid_foo\.1'"):
+        parse_point(Point("resid_foo", 1), 3)
+    with pytest.raises(ValueError, match=r"unknown point 'embed\.1'"):
+        parse_point(Point("embed", 1), 3)
+    with pytest.raises(ValueError, match=r"unknown point 'resid_post'"):
+        parse_point(Point("resid_post"), 3)
+
+
+def test_run_with_points_takes_point_objects(tiny_llama_ref):
+    lens, _ = tiny_llama_ref
+    ids, mask = lens.to_tokens(TEXTS[:1])
+    pts = [Point("resid_post", 1), Point("embed")]
+    with torch.no_grad():
+        _, by_name = lens.run_with_points(ids, mask, ["resid_post.1", "embed"])
+        _, by_point = lens.run_with_points(ids, mask, pts)
+    assert list(by_point) == pts
+    for pt in pts:
+        torch.testing.assert_close(by_point[pt], by_name[pt.name], atol=0, rtol=0)
+    with pytest.raises(TypeError, match="points must be a list"):
+        lens.run_with_points(ids, mask, "resid_post.1")
+    with pytest.raises(ValueError, match="at least one residual point"):
+        lens.run_with_points(ids, mask, [])
+
+
+def test_forward_stop():
+    P = Point
+    assert forward_stop([P("resid_post", 1), P("embed")], 4) == (2, P("resid_post", 1))
+    assert forward_stop([P("resid_pre", 0)], 4) == (1, P("resid_pre", 0))
+    assert forward_stop([P("embed")], 4) == (None, P("embed"))
+    assert forward_stop([P("resid_mid", 3)], 4) == (None, P("resid_mid", 3))
+    assert forward_stop([P("final"), P("resid_pre", 0)], 4) == (None, P("final"))
+
+
+def test_gradients_flow_through_forward_and_its_hooks(tiny_llama_ref):
+    """What a hook adds can be trained through B (an adapter trained through B with hooks)."""
+    lens, _ = tiny_llama_ref
+    ids, mask = lens.to_tokens(TEXTS[:2])
+    delta = torch.zeros(lens.d_model, requires_grad=True)
+    logits = lens.forward(ids, mask, fwd_hooks=[(Point("resid_post", 1), lambda x, hook: x + delta)])
+    logits[mask.bool()].logsumexp(-1).sum().backward()
+    assert delta.grad is not None and delta.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(logits.detach(), lens.forward(ids, mask), atol=0, rtol=0)
 
 
 def test_bf16_load(tiny_llama_ref):

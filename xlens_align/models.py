@@ -9,12 +9,9 @@ equals ``hidden_states[-1]``, so maps fit here apply unchanged to raw HF / nnsig
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,9 +20,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from . import packaged
-from .points import Point, all_points, parse_point
+from .loading import load_hf, tokenizer_dir
+from .points import Point, all_points, forward_stop, parse_point
 from .points import point_at_depth as _point_at_depth
+from .tokens import AlignedBatch, align
 
 __all__ = ["SUPPORTED_FAMILIES", "LensModel", "ModelPair", "load_model", "point_at_depth"]
 
@@ -138,16 +136,18 @@ class LensModel:
         self,
         input_ids: Int[Tensor, "batch pos"],
         attention_mask: Int[Tensor, "batch pos"] | None = None,
-        fwd_hooks: Sequence[tuple[str, Any]] = (),
+        fwd_hooks: Sequence[tuple[str | Point, Any]] = (),
     ) -> Float[Tensor, "batch pos vocab"]:
-        """Logits of the bridge with optional extra TransformerLens hooks (point names allowed)."""
+        """Logits of the bridge with optional extra TransformerLens hooks (points allowed).
+
+        Autograd flows through the pass and through the hooks (e.g. to train what a hook adds)."""
         hooks = [(self._hook(n), f) for n, f in fwd_hooks]
         return self.bridge.run_with_hooks(
             input_ids, fwd_hooks=hooks, **_forward_kwargs(input_ids, attention_mask)
         )
 
-    def _hook(self, name: str) -> str:
-        """Accept a point name or a raw TransformerLens hook name."""
+    def _hook(self, name: str | Point) -> str:
+        """Accept a point (name or `Point`) or a raw TransformerLens hook name."""
         if name in self.bridge.hook_dict:
             return name
         return self.hook_name(name)
@@ -156,37 +156,32 @@ class LensModel:
         self,
         input_ids: Int[Tensor, "batch pos"],
         attention_mask: Int[Tensor, "batch pos"] | None,
-        points: Sequence[str],
+        points: Sequence[str | Point],
         *,
         return_logits: bool = False,
-        fwd_hooks: Sequence[tuple[str, Any]] = (),
-    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        fwd_hooks: Sequence[tuple[str | Point, Any]] = (),
+    ) -> tuple[Tensor | None, dict[str | Point, Tensor]]:
         """Capture the residual stream at `points` in one forward pass.
 
         Hooks sit only on the requested points. Without `return_logits` the pass stops right
         after the deepest point: through TransformerLens's `stop_at_layer` when the deepest
         point lies before the last block, and by ending the pass from the deepest point's hook
         otherwise (so the unembedding, the largest matrix of a 128k-vocabulary model, is skipped).
-        Returns (logits or None, {point: [batch, pos, d_model]}), points under the names given.
+        Returns (logits or None, {point: [batch, pos, d_model]}), keyed by the points as given
+        (names or `Point` objects). Where the pass may stop is `points.forward_stop`.
         """
-        if not points:
-            raise ValueError("points must name at least one residual point")
+        if isinstance(points, str | Point):
+            raise TypeError(f"points must be a list of points such as ['resid_post.3'], got {points!r}")
         resolved = {p: self.point(p) for p in points}
-        by_hook: dict[str, list[str]] = {}
+        stop_at, deepest = forward_stop(resolved.values(), self.n_layers)
+        if return_logits:
+            stop_at, raise_after = None, None
+        else:
+            raise_after = deepest.hook_name() if stop_at is None else None
+        by_hook: dict[str, list[str | Point]] = {}
         for name, pt in resolved.items():
             by_hook.setdefault(pt.hook_name(), []).append(name)
-        deepest = max(resolved.values(), key=lambda p: p.depth(self.n_layers))
-        stop_at: int | None = None
-        raise_after: str | None = None
-        if not return_logits:
-            if deepest.kind == "final" or (deepest.kind != "embed" and deepest.layer == self.n_layers - 1):
-                raise_after = deepest.hook_name()
-            else:
-                stop_at = 0 if deepest.kind == "embed" else deepest.layer + 1
-                if stop_at == 0:
-                    raise_after = deepest.hook_name()
-                    stop_at = None
-        store: dict[str, Tensor] = {}
+        store: dict[str | Point, Tensor] = {}
 
         def capture(hook_name: str):
             def fn(x: Tensor, hook: Any) -> Tensor:
@@ -285,7 +280,7 @@ def load_model(
         hf_model = source
         model_name = name or getattr(hf_model.config, "_name_or_path", None) or type(hf_model).__name__
     elif isinstance(source, (str, os.PathLike)):
-        hf_model, tok_default, model_name = _load_hf(str(source), dtype)
+        hf_model, tok_default, model_name = load_hf(str(source), dtype)
         tokenizer = tokenizer if tokenizer is not None else tok_default
         model_name = name or model_name
     else:
@@ -299,7 +294,7 @@ def load_model(
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
     if not getattr(hf_model.config, "architectures", None):
         hf_model.config.architectures = [arch]  # the bridge picks its adapter from this field
-    tok_path = _tokenizer_dir(tokenizer)
+    tok_path = tokenizer_dir(tokenizer)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoTokenizer
@@ -313,69 +308,6 @@ def load_model(
         raise ValueError(f"TransformerBridge could not wrap {arch}: {e}; {_supported_message()}") from e
     bridge.eval()
     return LensModel(bridge, tok, tok_path, model_name)
-
-
-def _load_hf(source: str, dtype: torch.dtype) -> tuple[torch.nn.Module, str, str]:
-    """(hf_model, tokenizer directory, name) for a path / packaged name / hub id."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM
-
-    if source in packaged.PACKAGED:
-        path = packaged.materialize(source)
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype), str(path), source
-    p = Path(source).expanduser()
-    if p.is_file():
-        path = packaged.gguf_to_cache(p)
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype), str(path), p.name
-    if p.is_dir():
-        if not (p / "config.json").exists():
-            raise FileNotFoundError(
-                f"source directory {str(p)!r} has no config.json: not a Hugging Face model dir"
-            )
-        return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype), str(p), p.name
-    looks_like_path = source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") > 1
-    if looks_like_path or "/" not in source:
-        raise FileNotFoundError(
-            f"source {source!r} is not an existing path, a packaged model ({sorted(packaged.PACKAGED)}) "
-            "or a hub id of the form 'org/name'"
-        )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except OSError as e:
-        raise FileNotFoundError(
-            f"hub id {source!r} is not available: no hub reachable and not in the local HF cache ({e})"
-        ) from e
-    return model, source, source
-
-
-def _tokenizer_dir(tokenizer: Any) -> Path:
-    """A directory holding the tokenizer (saving an in-memory one into the cache)."""
-    if isinstance(tokenizer, (str, os.PathLike)):
-        p = Path(tokenizer).expanduser()
-        if p.is_dir():
-            return p
-        if "/" in str(tokenizer) and not p.exists() and str(tokenizer).count("/") == 1:
-            return Path(str(tokenizer))  # hub id served by the local cache
-        raise FileNotFoundError(f"tokenizer directory {str(p)!r} does not exist")
-    if not hasattr(tokenizer, "save_pretrained"):
-        raise TypeError(f"tokenizer must be a directory or an HF tokenizer, got {type(tokenizer).__name__}")
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        digest = hashlib.sha256()
-        for f in sorted(Path(tmp).iterdir()):
-            digest.update(f.name.encode())
-            digest.update(f.read_bytes())
-        dest = packaged.cache_dir() / "tokenizers" / f"saved-{digest.hexdigest()[:16]}"
-        if not dest.exists():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=dest.parent))
-            for f in Path(tmp).iterdir():
-                shutil.copy2(f, staging / f.name)
-            with contextlib.suppress(OSError):
-                staging.rename(dest)
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-    return dest
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,13 +332,7 @@ class ModelPair:
     def __repr__(self) -> str:
         return f"ModelPair(a={self.a.name!r}, b={self.b.name!r})"
 
-    @property
-    def same_tokenizer(self) -> bool:
-        return self.a.tokenizer_path == self.b.tokenizer_path
-
-    def align(self, texts: Sequence[str], **kwargs: Any):
+    def align(self, texts: Sequence[str], **kwargs: Any) -> AlignedBatch:
         """Tokenize `texts` with both models' tokenizers and align chunks (see `tokens.align`)."""
-        from .tokens import align
-
         kwargs.setdefault("max_length", min(self.a.n_ctx, self.b.n_ctx))
         return align(self.a.tokenizer, self.b.tokenizer, texts, **kwargs)

@@ -14,16 +14,17 @@ and ``final`` the stream after the final norm. Negative layers count from the en
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = [
     "KINDS",
     "Point",
     "all_points",
+    "forward_stop",
     "hook_name",
     "parse_point",
     "point_at_depth",
-    "stop_layer",
 ]
 
 KINDS = ("resid_pre", "resid_mid", "resid_post")
@@ -77,30 +78,45 @@ def _check_n_layers(n_layers: int) -> None:
 def parse_point(point: str | Point, n_layers: int) -> Point:
     """Resolve a point name (negative layers allowed) for a model with `n_layers` blocks.
 
-    Raises ValueError listing the valid names for an unknown point and the valid range for a
-    layer out of range.
+    A `Point` is range-checked and returned as it is (a new one only when its layer is negative):
+    names are parsed once and `Point` objects flow on. Raises ValueError listing the valid names
+    for an unknown point and the valid range for a layer out of range.
     """
     _check_n_layers(n_layers)
     if isinstance(point, Point):
-        point = point.name
+        if point.kind in ("embed", "final") and point.layer is None:
+            return point
+        if point.kind in KINDS and isinstance(point.layer, int) and not isinstance(point.layer, bool):
+            return _resolve_layer(point.kind, point.layer, point.name, n_layers, point)
+        raise _unknown(point.name, n_layers)
     if not isinstance(point, str):
         raise TypeError(f"point must be a str such as 'resid_post.3', got {type(point).__name__}")
     if point in ("embed", "final"):
         return Point(point)
     m = _RE.match(point)
     if m is None:
-        valid = all_points(n_layers)
-        shown = ", ".join(valid[:7] + ["...", *valid[-3:]]) if len(valid) > 12 else ", ".join(valid)
-        raise ValueError(
-            f"unknown point {point!r}; valid points are 'embed', 'final' and "
-            f"'resid_pre.L' / 'resid_mid.L' / 'resid_post.L' with -{n_layers} <= L < {n_layers}: {shown}"
-        )
-    kind, layer = m.group(1), int(m.group(2))
+        raise _unknown(point, n_layers)
+    return _resolve_layer(m.group(1), int(m.group(2)), point, n_layers)
+
+
+def _unknown(name: str, n_layers: int) -> ValueError:
+    valid = all_points(n_layers)
+    shown = ", ".join(valid[:7] + ["...", *valid[-3:]]) if len(valid) > 12 else ", ".join(valid)
+    return ValueError(
+        f"unknown point {name!r}; valid points are 'embed', 'final' and "
+        f"'resid_pre.L' / 'resid_mid.L' / 'resid_post.L' with -{n_layers} <= L < {n_layers}: {shown}"
+    )
+
+
+def _resolve_layer(kind: str, layer: int, name: str, n_layers: int, given: Point | None = None) -> Point:
+    """`Point(kind, layer)`, a negative layer counted from the end; `given` itself when it is that point."""
     if not -n_layers <= layer < n_layers:
         raise ValueError(
-            f"layer {layer} of point {point!r} is out of range for a model with {n_layers} layers "
+            f"layer {layer} of point {name!r} is out of range for a model with {n_layers} layers "
             f"(valid: {-n_layers}..{n_layers - 1})"
         )
+    if given is not None and layer >= 0:
+        return given
     return Point(kind, layer % n_layers)
 
 
@@ -126,15 +142,18 @@ def point_at_depth(n_layers: int, fraction: float, kind: str = "resid_post") -> 
     return f"{kind}.{layer}"
 
 
-def stop_layer(points: list[Point], n_layers: int) -> int | None:
-    """The block index a forward pass may stop at and still reach every point (None: run all).
+def forward_stop(points: Iterable[Point], n_layers: int) -> tuple[int | None, Point]:
+    """Where a forward pass that only has to reach `points` may end: ``(stop_at_layer, deepest)``.
 
-    TransformerBridge's ``stop_at_layer=k`` runs blocks 0..k-1 and skips the final norm and
-    unembedding, so a forward that only needs ``resid_post.5`` can stop at 6.
+    TransformerBridge's ``stop_at_layer=k`` runs blocks 0..k-1 and skips the final norm and the
+    unembedding, so a pass that needs ``resid_post.5`` at most stops at 6. When the deepest point
+    is ``embed``, in the last block or ``final``, `stop_at_layer` is None: the pass is then ended
+    from the hook of `deepest` (which still skips the unembedding).
     """
+    points = list(points)
     if not points:
-        raise ValueError("points must not be empty")
-    if any(p.kind == "final" for p in points):
-        return None
-    deepest = max(-1 if p.kind == "embed" else p.layer for p in points)
-    return deepest + 1
+        raise ValueError("points must name at least one residual point")
+    deepest = max(points, key=lambda p: p.depth(n_layers))
+    if deepest.kind in ("embed", "final") or deepest.layer == n_layers - 1:
+        return None, deepest
+    return deepest.layer + 1, deepest
