@@ -60,13 +60,13 @@ def test_collect_rows_match_direct_hf_forward(tiny_pair, refs):
     assert n_total > 50
 
 
-def test_drop_first_and_outlier_filters_are_counted(tiny_pair):
+def test_drop_first_and_massive_filters_are_counted(tiny_pair):
     (plain,) = xa.collect(tiny_pair, TEXTS, ["resid_post.0"], ["resid_post.0"], batch_size=8, progress=False)
     (drop,) = xa.collect(
         tiny_pair, TEXTS, ["resid_post.0"], ["resid_post.0"], batch_size=8, progress=False, drop_first=3
     )
-    assert drop.filtered["first_k"] > 0
-    assert drop.n == plain.n - drop.filtered["first_k"]
+    assert drop.filtered["drop_first"] > 0
+    assert drop.n == plain.n - drop.filtered["drop_first"]
     assert bool((drop.meta.start_a > 3).all() and (drop.meta.start_b > 3).all())
     (out,) = xa.collect(
         tiny_pair,
@@ -75,9 +75,28 @@ def test_drop_first_and_outlier_filters_are_counted(tiny_pair):
         ["resid_post.0"],
         batch_size=8,
         progress=False,
-        outlier_factor=1.05,
+        massive=1.05,
     )
-    assert out.filtered["outliers"] > 0 and out.n == plain.n - out.filtered["outliers"]
+    assert out.filtered["massive"] > 0 and out.n == plain.n - out.filtered["massive"]
+    # the same rule as rows.RowFilter applied by hand to the unfiltered rows
+    keep, counts = xa.RowFilter(massive=1.05).activations([plain.a["resid_post.0"], plain.b["resid_post.0"]])
+    assert counts["massive"] == out.filtered["massive"]
+    torch.testing.assert_close(out.a["resid_post.0"], plain.a["resid_post.0"][keep])
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"drop_first": 1.5}, "drop_first must be an int >= 0"),
+        ({"drop_first": -1}, "drop_first must be an int >= 0"),
+        ({"massive": 1.0}, "massive must be None or a factor > 1"),
+        ({"clamp": 0}, "clamp must be a finite number > 0"),
+        ({"batch_size": 0}, "batch_size must be a positive int"),
+    ],
+)
+def test_collect_refuses_bad_filters(tiny_pair, kw, match):
+    with pytest.raises(ValueError, match=match):
+        next(xa.collect(tiny_pair, TEXTS, ["resid_post.0"], ["resid_post.0"], progress=False, **kw))
 
 
 def test_streamed_stats_equal_concatenated(tiny_pair):
@@ -104,7 +123,7 @@ def test_bad_input(tiny_pair):
         next(xa.collect(tiny_pair, ["fine", ""], ["embed"], ["embed"], progress=False))
     with pytest.raises(TypeError, match="list of strings"):
         next(xa.collect(tiny_pair, "a single string", ["embed"], ["embed"], progress=False))
-    with pytest.raises(ValueError, match=r"points_b: model B .* lacks point 'resid_post\.9'"):
+    with pytest.raises(ValueError, match=r"points_b: model .* lacks point 'resid_post\.9'"):
         next(xa.collect(tiny_pair, TEXTS, ["embed"], ["resid_post.9"], progress=False))
     with pytest.raises(ValueError, match="batch_size"):
         next(xa.collect(tiny_pair, TEXTS, ["embed"], ["embed"], batch_size=0, progress=False))
@@ -159,7 +178,7 @@ def test_collect_all_concatenates_batches(tiny_pair):
     assert whole.n == sum(pb.n for pb in parts) and whole.batch is None
     assert torch.equal(whole.a["resid_post.0"], torch.cat([pb.a["resid_post.0"] for pb in parts]))
     assert torch.equal(whole.meta.text, torch.cat([pb.meta.text for pb in parts]))
-    assert whole.filtered["first_k"] == sum(pb.filtered["first_k"] for pb in parts)
+    assert whole.filtered["drop_first"] == sum(pb.filtered["drop_first"] for pb in parts)
     with pytest.raises(ValueError, match="coverage is per aligned batch"):
         whole.coverage()
     with pytest.raises(ValueError, match="nothing to concatenate"):

@@ -358,23 +358,24 @@ def test_generate_three_strings_identity_equals_clean(self_pair, tiny_pair):
     assert all(isinstance(out[k], str) for k in ("clean", "patched", "ablated"))
 
 
-def test_table_and_undefined_recovered(tiny_pair):
-    s = E._Sums(nll=20.0, kl=0.0, top1=2.0, n=2)
-    with pytest.warns(RuntimeWarning, match="no loss gap"):
-        eff = E._effect("resid_post.0", "embed", "x", s, s, s, 5, "zero", 1, 0)
+def _effect(target, clean, patched, ablated):
+    from xlens_align.effects.tables import make_effect
+
+    return make_effect(
+        "resid_post.0", target, "x", clean, patched, ablated, n_patched=5, ablation="zero", n_texts=1,
+        rows=xa.RowFilter(), filtered={}, stacklevel=2,
+    )  # fmt: skip
+
+
+def test_table_and_undefined_recovered():
+    from xlens_align.scoring import Sums
+
+    s = Sums(nll=20.0, kl=0.0, top1=2.0, n=2)
+    with pytest.warns(RuntimeWarning, match="no loss gap") as rec:
+        eff = _effect("embed", s, s, s)
+    assert rec[0].filename == __file__  # the warning points at the caller
     assert math.isnan(eff.recovered) and eff.recovered_undefined and "no loss gap" in eff.note
-    other = E._effect(
-        "resid_post.0",
-        "resid_post.1",
-        "x",
-        s,
-        E._Sums(21.0, 1.0, 1.0, 2),
-        E._Sums(22.0, 2.0, 0.0, 2),
-        5,
-        "zero",
-        1,
-        0,
-    )
+    other = _effect("resid_post.1", s, Sums(21.0, 1.0, 1.0, 2), Sums(22.0, 2.0, 0.0, 2))
     assert other.recovered == pytest.approx(0.5)
     tab = E.table([eff, other])
     assert "nan*" in tab.text and "no loss gap" in tab.text
@@ -383,13 +384,18 @@ def test_table_and_undefined_recovered(tiny_pair):
     assert other.note == ""
     # an ablation that lowers the loss: recovered is computed, flagged, and the table says why
     with pytest.warns(RuntimeWarning, match="lowers B's loss"):
-        inverted = E._effect(
-            "resid_post.0", "resid_post.1", "x", E._Sums(22.0, 0.0, 2.0, 2),
-            E._Sums(21.0, 1.0, 1.0, 2), E._Sums(20.0, 2.0, 0.0, 2), 5, "zero", 1, 0,
-        )  # fmt: skip
+        inverted = _effect("resid_post.1", Sums(22.0, 0.0, 2.0, 2), Sums(21.0, 1.0, 1.0, 2), Sums(20.0, 2.0, 0.0, 2))
     assert inverted.recovered == pytest.approx(0.5) and not inverted.recovered_undefined
     assert "scale is inverted" in inverted.note
     assert "scale is inverted" in E.table([inverted]).text
+
+
+def test_measure_warnings_point_at_the_caller(tiny_pair):
+    a, b = tiny_pair
+    zero = Linear(a.d_model, b.d_model)
+    with pytest.warns(UserWarning, match="not held-out texts") as rec:
+        E.measure(tiny_pair, zero, source="resid_post.1", target="resid_post.1", texts=TEXTS[:2])
+    assert {w.filename for w in rec} == {__file__}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,6 +12,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _SUBMODULES = {
+    "validate",
+    "files",
+    "rows",
+    "plan",
+    "scoring",
+    "fitting",
     "points",
     "packaged",
     "tokenizers",
@@ -37,6 +43,9 @@ _EXPORTS = {
     "PairedBatch": "activations",
     "patch": "patching",
     "generate": "effects",
+    "RowFilter": "rows",
+    "train_adapter": "fitting",
+    "fit_grid": "fitting",
     "CrossStats": "stats",
 }
 

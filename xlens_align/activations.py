@@ -5,17 +5,11 @@ once with hooks only on the requested points (stopping after the deepest one), p
 activations chunk by chunk and yields a `PairedBatch` whose ``.a[point]`` and ``.b[point]`` have
 the same rows: row i of both describes the same span of text.
 
-Position filters run before anything is fit or compared, and every dropped row is counted:
-
-* BOS is never part of a chunk, so it is always excluded (`filtered["bos"]` counts it);
-* ``drop_first=k`` drops chunks that start within the first k text tokens of a row (on either
-  side), where attention sinks and massive activations live;
-* ``outlier_factor=f`` drops rows whose norm at any requested point exceeds f times the median
-  norm of that point in the batch (the massive-activation filter; off by default).
-
-Activations are checked for inf/NaN as they enter: the error names the point and the rows'
-text index and position. ``clamp=c`` clips values to [-c, c] instead (inf included; NaN still
-raises).
+Rows pass the package's one set of row filters (`rows.RowFilter`: ``drop_first``, ``massive``,
+``clamp``, the same names and defaults as the maps' pipelines, the effects and the similarity
+grids) before anything is fit or compared; every dropped row is counted in ``.filtered``
+under the filter's name ("bos", "drop_first", "massive"). Activations are checked for inf/NaN as
+they enter: the error names the point and the rows' text index and position.
 """
 
 from __future__ import annotations
@@ -30,10 +24,13 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .points import Point
+from .rows import RowFilter, merge_counts
 from .stats import StatsGrid
 from .tokens import AlignedBatch, RowMeta
+from .validate import check_texts, positive_int
 
-__all__ = ["PairedBatch", "accumulate", "collect", "collect_all", "concat", "filter_rows", "massive_rows"]
+__all__ = ["PairedBatch", "accumulate", "collect", "collect_all", "concat", "resolve_points", "run_points"]
 
 
 @dataclass
@@ -56,95 +53,36 @@ class PairedBatch:
         return self.batch.coverage()
 
 
-def _check_points(model: Any, points: Sequence[str] | None, side: str) -> list[str]:
+def resolve_points(model: Any, points: Sequence[str | Point] | str | Point | None, arg: str) -> list[Point]:
+    """`points` of `model` as `Point` objects, parsed once (None: every point of the model).
+
+    `arg` names the argument in errors (e.g. ``"points_a"``, ``"sources"``).
+    """
     if points is None:
-        return list(model.points)
-    if isinstance(points, str):
+        return [model.point(p) for p in model.points]
+    if isinstance(points, str | Point):
         points = [points]
-    points = list(points)
-    if not points:
-        raise ValueError(f"points_{side} must name at least one point")
+    if not isinstance(points, Sequence) or not points:
+        raise ValueError(f"{arg} must name at least one point of model {model.name!r}, got {points!r}")
+    out = []
     for p in points:
         try:
-            model.point(p)
-        except ValueError as e:
-            raise ValueError(
-                f"points_{side}: model {side.upper()} ({model.name}) lacks point {p!r}: {e}"
-            ) from e
-    return points
-
-
-def _enter(x: Tensor, point: str, side: str, meta: RowMeta, clamp: float | None) -> Tensor:
-    """float32 rows, checked for inf/NaN (or clamped)."""
-    x = x.float()
-    bad = ~torch.isfinite(x)
-    if bad.any():
-        rows = bad.any(dim=1)
-        nan_rows = torch.isnan(x).any(dim=1)
-        if clamp is None or nan_rows.any():
-            idx = torch.nonzero(nan_rows if clamp is not None else rows).flatten()[:5].cpu()
-            pos = meta.pos_a if side == "a" else meta.pos_b
-            where = ", ".join(f"text {int(meta.text[i])} position {int(pos[i])}" for i in idx)
-            kind = "NaN" if clamp is not None else "inf/NaN"
-            raise ValueError(
-                f"model {side.upper()} point {point!r}: {kind} activations at {int(rows.sum())} rows ({where}). "
-                "Use clamp= to clip infinities, or a higher-precision dtype."
-            )
-    if clamp is not None:
-        x = x.clamp(-clamp, clamp)
-    return x
-
-
-def filter_rows(
-    meta: RowMeta,
-    acts: Sequence[Tensor],
-    *,
-    drop_first: int = 0,
-    outlier_factor: float | None = None,
-) -> tuple[Tensor, dict[str, int]]:
-    """Boolean mask of rows to keep, and how many each filter dropped."""
-    n = len(meta)
-    keep = torch.ones(n, dtype=torch.bool, device=meta.row.device)
-    counts: dict[str, int] = {}
-    if drop_first:
-        # chunk start counted from the first text token (BOS, when present, is at position 0)
-        first = meta.mask(min_position=drop_first + 1)
-        counts["first_k"] = int((keep & ~first).sum())
-        keep &= first
-    if outlier_factor is not None:
-        out = massive_rows(acts, outlier_factor, among=keep)
-        counts["outliers"] = int((keep & out).sum())
-        keep &= ~out
-    return keep, counts
-
-
-def massive_rows(acts: Sequence[Tensor], factor: float, among: Tensor | None = None) -> Tensor:
-    """Rows whose L2 norm in any of `acts` ([n, d] each) exceeds `factor` x that tensor's median
-    row norm (over the rows in `among`, default all): the massive-activation tokens."""
-    if not factor > 1:
-        raise ValueError(f"the outlier factor must be > 1, got {factor!r}")
-    n = acts[0].shape[0]
-    device = acts[0].device
-    among = torch.ones(n, dtype=torch.bool, device=device) if among is None else among.to(device)
-    out = torch.zeros(n, dtype=torch.bool, device=device)
-    for x in acts:
-        norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).to(device)
-        med = norms[among].median() if among.any() else norms.median()
-        if float(med) > 0:
-            out |= norms > factor * med
-    return out
+            out.append(model.point(p))
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{arg}: model {model.name!r} lacks point {p!r}: {e}") from e
+    return list(dict.fromkeys(out))
 
 
 def collect(
     pair: Any,
     texts: Sequence[str],
-    points_a: Sequence[str] | str | None = None,
-    points_b: Sequence[str] | str | None = None,
+    points_a: Sequence[str | Point] | str | None = None,
+    points_b: Sequence[str | Point] | str | None = None,
     *,
     batch_size: int = 8,
     policy: str = "last",
     drop_first: int = 0,
-    outlier_factor: float | None = None,
+    massive: float | None = None,
     clamp: float | None = None,
     max_length: int | tuple[int, int] | None = None,
     overflow: str = "error",
@@ -153,47 +91,50 @@ def collect(
     """Stream `PairedBatch`es of A's activations at `points_a` and B's at `points_b`.
 
     Each model runs once per batch, with hooks only on the requested points, and stops after the
-    deepest one. Rows of ``.a`` and ``.b`` describe the same text chunk (see module docstring for
-    the filters). `max_length` defaults to each model's context; texts longer than it follow
-    `overflow` ("error", "truncate" or "windows"), never a silent cut.
+    deepest one. Rows of ``.a`` and ``.b`` describe the same text chunk. `drop_first`, `massive`
+    and `clamp` are the row filters of `rows.RowFilter` (the massive-row test looks at every
+    requested point of both models). `max_length` defaults to each model's context; texts longer
+    than it follow `overflow` ("error", "truncate" or "windows"), never a silent cut. The dicts
+    ``.a`` / ``.b`` are keyed by canonical point names (``resid_post.-1`` becomes
+    ``resid_post.{L-1}``).
     """
-    if isinstance(texts, str) or not isinstance(texts, Sequence):
-        raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
-    if len(texts) == 0:
-        raise ValueError("texts is empty: nothing to collect")
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if clamp is not None and not clamp > 0:
-        raise ValueError(f"clamp must be a positive number or None, got {clamp!r}")
-    if drop_first < 0:
-        raise ValueError(f"drop_first must be >= 0, got {drop_first}")
-    pts_a = _check_points(pair.a, points_a, "a")
-    pts_b = _check_points(pair.b, points_b, "b")
+    texts = check_texts(texts)
+    batch_size = positive_int(batch_size, "batch_size")
+    rows = RowFilter(drop_first=drop_first, massive=massive, clamp=clamp)
+    pts_a = resolve_points(pair.a, points_a, "points_a")
+    pts_b = resolve_points(pair.b, points_b, "points_b")
     if max_length is None:
         max_length = (pair.a.n_ctx, pair.b.n_ctx)
-    starts = range(0, len(texts), batch_size)
-    for s in tqdm(starts, desc="collect", unit="batch", disable=not progress):
-        chunk = list(texts[s : s + batch_size])
-        ab = pair.align(chunk, policy=policy, max_length=max_length, overflow=overflow)
-        meta = ab.meta(policy)
-        with torch.no_grad():
-            acts_a = _run(pair.a, ab, "a", pts_a)
-            acts_b = _run(pair.b, ab, "b", pts_b)
-        a = {p: _enter(ab.gather_side(v, "a", policy), p, "a", meta, clamp) for p, v in acts_a.items()}
-        b = {p: _enter(ab.gather_side(v, "b", policy), p, "b", meta, clamp) for p, v in acts_b.items()}
-        keep, counts = filter_rows(
-            meta, [*a.values(), *b.values()], drop_first=drop_first, outlier_factor=outlier_factor
-        )
-        counts = {"bos": int((ab.bos_index_a >= 0).sum()), **counts}
-        if not keep.all():
-            meta = meta.select(keep)
-            a = {p: v[keep] for p, v in a.items()}
-            b = {p: v[keep] for p, v in b.items()}
-        meta.text = meta.text + s  # index into `texts`, not into this batch
-        yield PairedBatch(a=a, b=b, meta=meta, batch=ab, filtered=counts)
+    for s in tqdm(range(0, len(texts), batch_size), desc="collect", unit="batch", disable=not progress):
+        ab = pair.align(texts[s : s + batch_size], policy=policy, max_length=max_length, overflow=overflow)
+        yield _paired(pair, ab, policy, pts_a, pts_b, rows, s)
 
 
-def _run(model: Any, ab: AlignedBatch, side: str, points: list[str]) -> dict[str, Tensor]:
+def _paired(
+    pair: Any, ab: AlignedBatch, policy: str, pts_a: list[Point], pts_b: list[Point], rows: RowFilter, offset: int
+) -> PairedBatch:
+    """One aligned batch's filtered, paired rows (`offset`: index of the batch's first text)."""
+    meta = ab.meta(policy)
+    counts = {"bos": int((ab.bos_index_a >= 0).sum())}
+    keep, c = rows.positions(meta)
+    merge_counts(counts, c)
+    with torch.no_grad():
+        acts_a = run_points(pair.a, ab, "a", pts_a)
+        acts_b = run_points(pair.b, ab, "b", pts_b)
+    a = {p.name: rows.enter(ab.gather_side(acts_a[p], "a", policy), p.name, "a", meta) for p in pts_a}
+    b = {p.name: rows.enter(ab.gather_side(acts_b[p], "b", policy), p.name, "b", meta) for p in pts_b}
+    keep, c = rows.activations([*a.values(), *b.values()], among=keep)
+    merge_counts(counts, c)
+    if not keep.all():
+        meta = meta.select(keep)
+        a = {p: v[keep] for p, v in a.items()}
+        b = {p: v[keep] for p, v in b.items()}
+    meta.text = meta.text + offset  # index into the caller's `texts`, not into this batch
+    return PairedBatch(a=a, b=b, meta=meta, batch=ab, filtered=counts)
+
+
+def run_points(model: Any, ab: AlignedBatch, side: str, points: list[Point]) -> dict[Point, Tensor]:
+    """One forward of `model` on `side`'s tokens of `ab`, capturing `points` ([B, T, d] each)."""
     inputs = ab.model_inputs(side)
     ids = inputs["input_ids"].to(model.device)
     mask = inputs["attention_mask"].to(model.device)
@@ -214,8 +155,7 @@ def concat(parts: Iterable[PairedBatch]) -> PairedBatch:
     )
     filtered: dict[str, int] = {}
     for pb in parts:
-        for k, v in pb.filtered.items():
-            filtered[k] = filtered.get(k, 0) + v
+        merge_counts(filtered, pb.filtered)
     return PairedBatch(
         a={p: torch.cat([pb.a[p] for pb in parts]) for p in parts[0].a},
         b={p: torch.cat([pb.b[p] for pb in parts]) for p in parts[0].b},

@@ -19,6 +19,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from .points import Point
+
 __all__ = ["Positions", "patch", "patch_hooks"]
 
 # None: every position; LongTensor [k]: these positions of every row; (batch_idx, pos_idx): these
@@ -114,7 +116,7 @@ def _check_positions(point: str, positions: Positions) -> None:
 
 def patch_hooks(
     model: Any,
-    point: str | Mapping[str, Values | tuple[Values, Positions]],
+    point: str | Point | Mapping[str, Values | tuple[Values, Positions]],
     values: Values | None = None,
     positions: Positions = None,
 ) -> list[tuple[str, Callable]]:
@@ -123,7 +125,7 @@ def patch_hooks(
         if values is not None:
             raise ValueError("give values inside the mapping {point: values}, not as a separate argument")
         specs = {p: (v if isinstance(v, tuple) else (v, positions)) for p, v in point.items()}
-    elif isinstance(point, str):
+    elif isinstance(point, str | Point):
         if values is None:
             raise ValueError(f"values are required to patch {point!r}")
         specs = {point: (values, positions)}
@@ -134,8 +136,9 @@ def patch_hooks(
     if not specs:
         raise ValueError("nothing to patch: the mapping of points is empty")
     hooks = []
-    for p, (v, pos) in specs.items():
-        hook_name = model.hook_name(p)  # ValueError listing valid points
+    for key, (v, pos) in specs.items():
+        pt = model.point(key)  # ValueError listing valid points; a Point passes through
+        hook_name, p = pt.hook_name(), pt.name
         _check_values(model, p, v)
         _check_positions(p, pos)
         hooks.append((hook_name, _writer(p, v, pos)))
@@ -145,7 +148,7 @@ def patch_hooks(
 @contextlib.contextmanager
 def patch(
     model: Any,
-    point: str | Mapping[str, Values | tuple[Values, Positions]],
+    point: str | Point | Mapping[str, Values | tuple[Values, Positions]],
     values: Values | None = None,
     positions: Positions = None,
 ) -> Iterator[Any]:

@@ -1,0 +1,116 @@
+"""Ablation baselines of a mapped patch: what B gets at the patched cells instead of the mapped values.
+
+``"zero"`` writes zeros; ``"mean"`` writes B's mean activation at the target over the cells a
+mapped patch writes (the last B token of every kept aligned chunk, the same row filters) of
+held-out `ablation_texts`. Without `ablation_texts` the evaluation texts are used and a
+UserWarning says the mean is not held out. A tensor ``[d_B]`` is used as given (e.g. from
+`mean_activation`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..plan import plans
+from ..points import Point
+from ..rows import RowFilter
+from ..validate import check_texts, positive_int
+from .mapped import resolve
+
+__all__ = ["ABLATIONS", "ablation_vectors", "mean_activation"]
+
+ABLATIONS: tuple[str, ...] = ("mean", "zero")
+
+
+def mean_activation(
+    pair: Any,
+    target: str | Point,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 8,
+    drop_first: int = 0,
+    massive: float | None = None,
+    clamp: float | None = None,
+    max_length: int | tuple[int, int] | None = None,
+    overflow: str = "error",
+    progress: bool = False,
+) -> Float[Tensor, " d_b"]:
+    """B's mean activation at `target` over the cells a mapped patch writes in `texts` (float64
+    sums; returned in B's dtype on B's device). `massive` / `clamp` act on B's rows here."""
+    return _mean(
+        pair,
+        resolve(pair.b, target, "target", "B"),
+        check_texts(texts, "ablation_texts"),
+        positive_int(batch_size, "batch_size"),
+        RowFilter(drop_first=drop_first, massive=massive, clamp=clamp),
+        {"max_length": max_length, "overflow": overflow},
+        progress,
+    )
+
+
+def _mean(
+    pair: Any, tgt: Point, texts: list[str], batch_size: int, rows: RowFilter, align: dict, progress: bool
+) -> Tensor:
+    b = pair.b
+    total = torch.zeros(b.d_model, dtype=torch.float64, device=b.device)
+    n = 0
+    with torch.no_grad():
+        for plan in plans(
+            pair, texts, batch_size=batch_size, rows=rows, progress=progress, desc="mean ablation", **align
+        ):
+            if plan.n_patched == 0:
+                continue
+            _, acts = b.run_with_points(plan.ids_b, plan.mask_b, [tgt])
+            Y = rows.enter(plan.gather_b(acts[tgt]), tgt.name, "b", plan.meta)
+            keep, _ = rows.activations([Y])
+            total += Y[keep].double().sum(0)
+            n += int(keep.sum())
+    if n == 0:
+        raise ValueError(f"ablation_texts have no aligned position to average (row filters {rows.describe()})")
+    return (total / n).to(b.dtype)
+
+
+def ablation_vectors(
+    pair: Any,
+    targets: Sequence[Point],
+    ablation: str | Tensor,
+    ablation_texts: Sequence[str] | None,
+    texts: list[str],
+    *,
+    batch_size: int,
+    rows: RowFilter,
+    align: dict,
+    stacklevel: int = 2,
+) -> tuple[dict[Point, Tensor], str]:
+    """{target: [d_B] vector written by the ablation} and the ablation's name; the warning about a
+    mean that is not held out points `stacklevel` frames up."""
+    b = pair.b
+    if isinstance(ablation, Tensor):
+        if ablation.shape != (b.d_model,):
+            raise ValueError(
+                f"ablation: a tensor must have shape [d_model] = [{b.d_model}] of model B, got {tuple(ablation.shape)}"
+            )
+        vec = ablation.to(device=b.device, dtype=b.dtype)
+        if not torch.isfinite(vec).all():
+            raise ValueError("ablation: the tensor contains inf/NaN")
+        return dict.fromkeys(targets, vec), "custom"
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {ABLATIONS} or a [d_model] tensor, got {ablation!r}")
+    if ablation == "zero":
+        return {t: torch.zeros(b.d_model, dtype=b.dtype, device=b.device) for t in targets}, "zero"
+    if ablation_texts is None:
+        warnings.warn(
+            "ablation='mean' without ablation_texts: the mean activation is taken over the evaluation "
+            "texts themselves, not held-out texts; pass ablation_texts=... for a held-out baseline",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+        ablation_texts = texts
+    held = check_texts(ablation_texts, "ablation_texts")
+    return {t: _mean(pair, t, held, batch_size, rows, align, False) for t in targets}, "mean"

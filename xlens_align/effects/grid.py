@@ -1,0 +1,265 @@
+"""The functional grid: effects of many mapped patches, several variants per batched forward of B.
+
+Per batch of texts, A runs once with hooks on every source point; then B's token batch is
+replicated K times along the batch dimension, one replicate per variant (the clean run, one
+ablated run per target, one patched run per cell), at most `cells_per_forward` replicates per
+forward, one hook per distinct target point (`plan.run_b`). All variants are scored on the same
+predictions by the one scorer (`scoring`). `measure` is this engine with one cell and one variant
+per forward.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..plan import apply_map, plans, read_a, run_b
+from ..points import Point
+from ..rows import RowFilter, merge_counts
+from ..scoring import Reference, Sums, reference, score, scored_logits
+from ..validate import check_texts, positive_int
+from .ablation import ablation_vectors
+from .mapped import check_map, is_map, map_kind, resolve
+from .tables import Effect, EffectTable, make_effect, table
+
+__all__ = ["METRICS", "PatchGrid", "grid"]
+
+METRICS = ("recovered", "kl", "top1", "ce_patched")
+
+
+@dataclass
+class PatchGrid:
+    """The functional heatmap: one mapped patch per (source point of A, target point of B).
+
+    recovered / kl / top1 / ce_patched: float64 [n_sources, n_targets] (NaN where no map was
+    given); ce_clean: B's clean loss (the same predictions for every cell); ce_ablated: per
+    target; effects: the full `Effect` of every cell; extra: timing, forwards, row filters.
+    """
+
+    sources: list[str]
+    targets: list[str]
+    recovered: Float[Tensor, "s t"]
+    kl: Float[Tensor, "s t"]
+    top1: Float[Tensor, "s t"]
+    ce_patched: Float[Tensor, "s t"]
+    ce_clean: float
+    ce_ablated: dict[str, float]
+    effects: dict[tuple[str, str], Effect]
+    n_tokens: int
+    ablation: str
+    model_a: str = "A"
+    model_b: str = "B"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def table(self, digits: int = 4) -> EffectTable:
+        return table(list(self.effects.values()), digits=digits)
+
+    def values(self, metric: str = "recovered") -> Float[Tensor, "s t"]:
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        return getattr(self, metric)
+
+
+def _cells(
+    pair: Any, maps: Any, sources: Sequence[Any] | None, targets: Sequence[Any] | None
+) -> tuple[list[Point], list[Point], dict[tuple[Point, Point], Any]]:
+    a, b = pair.a, pair.b
+    if isinstance(maps, Mapping):
+        if not maps:
+            raise ValueError("maps is empty: give {(source, target): map}")
+        entries = {}
+        for key, m in maps.items():
+            if not (isinstance(key, tuple) and len(key) == 2):
+                raise TypeError(f"maps keys must be (source, target) tuples, got {key!r}")
+            cell = (resolve(a, key[0], "source", "A"), resolve(b, key[1], "target", "B"))
+            if cell in entries:
+                raise ValueError(f"maps names the cell ({cell[0]}, {cell[1]}) twice")
+            entries[cell] = m
+    elif callable(maps) and not is_map(maps):
+        if not sources or not targets:
+            raise ValueError("with a fit function as maps, give sources=[...] and targets=[...]")
+        entries = {
+            (resolve(a, s, "sources", "A"), resolve(b, t, "targets", "B")): maps for s in sources for t in targets
+        }
+    else:
+        raise TypeError(
+            "maps must be a dict {(source, target): map or fit function} or a fit function "
+            f"fit(X, Y) -> map, got {type(maps).__name__}"
+        )
+    srcs = (
+        list(dict.fromkeys(resolve(a, s, "sources", "A") for s in sources))
+        if sources
+        else sorted({s for s, _ in entries}, key=lambda p: p.depth(a.n_layers))
+    )
+    tgts = (
+        list(dict.fromkeys(resolve(b, t, "targets", "B") for t in targets))
+        if targets
+        else sorted({t for _, t in entries}, key=lambda p: p.depth(b.n_layers))
+    )
+    outside = [(s.name, t.name) for s, t in entries if s not in srcs or t not in tgts]
+    if outside:
+        raise ValueError(f"cells {outside} are outside sources x targets")
+    return srcs, tgts, entries
+
+
+def grid(
+    pair: Any,
+    maps: Mapping[tuple[str, str], Any] | Callable,
+    texts: Sequence[str],
+    *,
+    sources: Sequence[str] | None = None,
+    targets: Sequence[str] | None = None,
+    fit_texts: Sequence[str] | None = None,
+    ablation: str | Tensor = "mean",
+    ablation_texts: Sequence[str] | None = None,
+    batch_size: int = 8,
+    drop_first: int = 0,
+    massive: float | None = None,
+    clamp: float | None = None,
+    cells_per_forward: int = 8,
+    max_length: int | tuple[int, int] | None = None,
+    overflow: str = "error",
+    progress: bool = False,
+) -> PatchGrid:
+    """Effects of many mapped patches at once: the functional heatmap [sources x targets].
+
+    maps: ``{(source, target): map}``; a value may instead be a fit function: a callable
+    ``fit(X, Y) -> map`` or a map class (fit as ``cls().fit(X, Y)``), fit by
+    `fitting.fit_maps` on the paired rows of `fit_texts` (then required) with the same row
+    filters; `maps` itself may be one fit function used for every cell of ``sources x targets``.
+    The numbers equal `measure` cell by cell. Memory: one forward holds the logits of
+    ``cells_per_forward * batch_size`` rows.
+    """
+    return run_grid(
+        pair, maps, texts, sources=sources, targets=targets, fit_texts=fit_texts, ablation=ablation,
+        ablation_texts=ablation_texts, batch_size=batch_size, drop_first=drop_first, massive=massive,
+        clamp=clamp, cells_per_forward=cells_per_forward, max_length=max_length, overflow=overflow,
+        progress=progress, stacklevel=3,
+    )  # fmt: skip
+
+
+def run_grid(
+    pair: Any,
+    maps: Any,
+    texts: Sequence[str],
+    *,
+    sources: Sequence[str] | None,
+    targets: Sequence[str] | None,
+    fit_texts: Sequence[str] | None,
+    ablation: str | Tensor,
+    ablation_texts: Sequence[str] | None,
+    batch_size: int,
+    drop_first: int,
+    massive: float | None,
+    clamp: float | None,
+    cells_per_forward: int,
+    max_length: int | tuple[int, int] | None,
+    overflow: str,
+    progress: bool,
+    stacklevel: int,
+) -> PatchGrid:
+    """`grid`'s engine (also `measure`'s); warnings about `recovered` point `stacklevel` frames up."""
+    texts = check_texts(texts)
+    batch_size = positive_int(batch_size, "batch_size")
+    cells_per_forward = positive_int(cells_per_forward, "cells_per_forward")
+    rows = RowFilter(drop_first=drop_first, massive=massive, clamp=clamp)
+    align = {"max_length": max_length, "overflow": overflow}
+    srcs, tgts, entries = _cells(pair, maps, sources, targets)
+    fns = {c: m for c, m in entries.items() if not is_map(m)}
+    for c, m in fns.items():
+        if not callable(m):
+            raise TypeError(
+                f"maps[({c[0]}, {c[1]})] must be a map (with transform) or a fit function, got {type(m).__name__}"
+            )
+    if fns:
+        if fit_texts is None:
+            raise ValueError(
+                "maps given as fit functions need fit_texts=... (texts to fit them on, distinct from the "
+                "evaluation texts)"
+            )
+        from ..fitting import fit_maps
+
+        entries.update(
+            fit_maps(pair, fns, fit_texts, batch_size=batch_size, rows=rows, progress=progress, **align)
+        )
+    for (s, t), m in entries.items():
+        check_map(pair, m, s, t)
+    cells = [(s, t) for s in srcs for t in tgts if (s, t) in entries]
+    used_srcs = list(dict.fromkeys(s for s, _ in cells))
+    used_tgts = list(dict.fromkeys(t for _, t in cells))
+    abl, abl_name = ablation_vectors(
+        pair, used_tgts, ablation, ablation_texts, texts, batch_size=batch_size, rows=rows, align=align,
+        stacklevel=stacklevel + 1,
+    )
+    clean = Sums()
+    ablated = {t: Sums() for t in used_tgts}
+    patched = {c: Sums() for c in cells}
+    n_patched, n_forwards, filtered = 0, 0, {}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for plan in plans(pair, texts, batch_size=batch_size, rows=rows, progress=progress, desc="grid", **align):
+            if plan.n_patched:
+                X, plan = read_a(pair.a, plan, used_srcs, rows)
+            merge_counts(filtered, plan.filtered)
+            if plan.n_patched == 0:
+                continue
+            # variants: (sums, target or None, values or the cell whose mapped values to compute);
+            # mapped values are computed chunk by chunk, so memory holds one chunk's worth
+            variants: list[tuple[Sums, Point | None, Any]] = [(clean, None, None)]
+            variants += [(ablated[t], t, abl[t].expand(plan.n_patched, -1)) for t in used_tgts]
+            variants += [(patched[c], c[1], c) for c in cells]
+            ref: Reference | None = None
+            for k0 in range(0, len(variants), cells_per_forward):
+                chunk = [
+                    (sums, t, apply_map(entries[v], X[v[0]], pair, *v) if isinstance(v, tuple) else v)
+                    for sums, t, v in variants[k0 : k0 + cells_per_forward]
+                ]
+                logits = run_b(pair.b, plan, [(t, v) for _, t, v in chunk])
+                n_forwards += 1
+                for j, (sums, _, _) in enumerate(chunk):
+                    sel = scored_logits(logits, plan.score_at, plan.batch_rows, j)
+                    if ref is None:  # the first replicate of the first chunk is the clean run
+                        ref = reference(sel)
+                    score(sel, plan.labels, ref, sums)
+                del logits
+            n_patched += plan.n_patched
+    seconds = time.perf_counter() - t0
+    effects = {}
+    for s, t in cells:  # a loop, not a comprehension: recovered's warnings point at the caller
+        effects[s.name, t.name] = make_effect(
+            s.name, t.name, map_kind(entries[s, t]), clean, patched[s, t], ablated[t], n_patched=n_patched,
+            ablation=abl_name, n_texts=len(texts), rows=rows, filtered=filtered, stacklevel=stacklevel + 1,
+        )  # fmt: skip
+    mats = {k: torch.full((len(srcs), len(tgts)), math.nan, dtype=torch.float64) for k in METRICS}
+    names_s, names_t = [p.name for p in srcs], [p.name for p in tgts]
+    for (s, t), e in effects.items():
+        i, j = names_s.index(s), names_t.index(t)
+        for k, v in zip(METRICS, (e.recovered, e.kl, e.top1_agreement, e.ce_patched), strict=True):
+            mats[k][i, j] = v
+    return PatchGrid(
+        sources=names_s,
+        targets=names_t,
+        ce_clean=clean.mean("nll"),
+        ce_ablated={t.name: ablated[t].mean("nll") for t in used_tgts},
+        effects=effects,
+        n_tokens=clean.n,
+        ablation=abl_name,
+        model_a=pair.a.name,
+        model_b=pair.b.name,
+        extra={
+            "n_patched": n_patched,
+            "forwards_b": n_forwards,
+            "cells_per_forward": cells_per_forward,
+            "seconds": seconds,
+            "rows": rows.describe(),
+            "filtered": filtered,
+        },
+        **mats,
+    )
