@@ -4,8 +4,8 @@
     python analyses/layer_grid.py --measure svcca --texts 64
     python analyses/layer_grid.py --a path/to/llama --b path/to/mistral --device cuda
 
-Writes ``<out>/<measure>_filtered.html`` and ``<out>/<measure>_unfiltered.html`` (with and
-without the massive-activation row filter) and ``<out>/<measure>.json``, and prints the
+Writes ``<out>/<measure>_filtered.html`` and ``<out>/<measure>_unfiltered.html`` (with the
+massive-activation row filter ``massive=--massive`` and without it, ``massive=None``) and ``<out>/<measure>.json``, and prints the
 best-matching point of B for each point of A.
 """
 
@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--measure", default="cka")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--drop-first", type=int, default=1)
+    p.add_argument("--massive", type=float, default=5.0, help="factor x the median row norm (filtered grid)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="out/layer_grid")
     args = p.parse_args()
@@ -49,15 +50,16 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
-    for label, filters in (("filtered", ("drop_massive",)), ("unfiltered", ())):
+    for label, massive in (("filtered", args.massive), ("unfiltered", None)):
         grid = xa.similarity.grid_from_batches(
-            batches, args.measure, pts_a, pts_b, filters=filters, model_a=pair.a.name, model_b=pair.b.name
+            batches, args.measure, pts_a, pts_b, massive=massive, model_a=pair.a.name, model_b=pair.b.name
         )
         grid.save_html(out / f"{args.measure}_{label}.html")
         best = grid.best_match()
         summary[label] = {"n_tokens": grid.n_tokens, "best_match": best, "grid": json.loads(grid.to_json())}
         print(
-            f"\n{args.measure} ({label}, {grid.n_tokens} rows, drop_first={args.drop_first}) -> "
+            f"\n{args.measure} ({label}, {grid.n_tokens} rows, drop_first={args.drop_first}, massive={massive}, "
+            f"dropped {grid.extra['filtered']}) -> "
             f"{out / f'{args.measure}_{label}.html'}"
         )
         for a, (b, v) in best.items():

@@ -24,9 +24,9 @@ def real_batches(smollm2, gemma3):
 def test_real_cka_grid_saved_with_best_matches(real_batches, tmp_path):
     pair, pts_a, pts_b, batches = real_batches
     grids = {}
-    for label, filters in (("filtered", ("drop_massive",)), ("unfiltered", ())):
+    for label, massive in (("filtered", 5.0), ("unfiltered", None)):
         g = xa.similarity.grid_from_batches(
-            batches, "cka", pts_a, pts_b, filters=filters, model_a=pair.a.name, model_b=pair.b.name
+            batches, "cka", pts_a, pts_b, massive=massive, model_a=pair.a.name, model_b=pair.b.name
         )
         assert g.values.shape == (len(pts_a), len(pts_b))
         assert torch.isfinite(g.values).all()
@@ -36,7 +36,14 @@ def test_real_cka_grid_saved_with_best_matches(real_batches, tmp_path):
         html = path.read_text()
         assert "resid_post.29" in html and "resid_post.17" in html and "plotly" in html.lower()
         grids[label] = g
-    assert grids["filtered"].extra["filters"][0]["rows_dropped"] > 0  # massive-activation tokens exist
+    assert grids["filtered"].extra["filtered"]["massive"] > 0  # massive-activation tokens exist
+    assert (
+        grids["filtered"].extra["rows"]["massive"] == 5.0
+        and grids["unfiltered"].extra["rows"]["massive"] is None
+    )
+    # collect's own counts (bos, drop_first=1) come through both grids; only the grid's massive differs
+    by_collect = {k: v for k, v in grids["filtered"].extra["filtered"].items() if k != "massive"}
+    assert by_collect == grids["unfiltered"].extra["filtered"] and by_collect["drop_first"] > 0
     best = grids["filtered"].best_match()
     assert set(best) == set(pts_a)  # reported for every point of A
     # measured on these texts: embed<->embed ~0.8; A's last layers match B's last third / final
@@ -50,7 +57,7 @@ def test_model_against_itself_is_one_on_the_diagonal(real_batches):
     pair, pts_a, _, batches = real_batches
     own = [type(pb)(a=pb.a, b=pb.a, meta=pb.meta, batch=pb.batch) for pb in batches]
     pts = pts_a[::6]
-    g = xa.similarity.grid_from_batches(own, "cka", pts, pts, filters=())
+    g = xa.similarity.grid_from_batches(own, "cka", pts, pts)
     for i in range(len(pts)):
         assert math.isclose(float(g.values[i, i]), 1.0, abs_tol=1e-9)
     assert float(g.values.max()) <= 1.0 + 1e-9

@@ -232,9 +232,9 @@ def test_bad_input_raises(name):
         f(inf, x)
     with pytest.raises(ValueError, match="same number of rows"):
         f(x, x[:-1])
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match=r"^Y must have shape \[n, d\]"):
         f(x, x[None])
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match=r"^X must have shape \[n, d\]"):
         f(x[:, 0], x)
     with pytest.raises(TypeError, match="torch.Tensor"):
         f(x.numpy(), x)
@@ -260,7 +260,7 @@ def test_small_n_and_option_errors():
         S.rsa(y, y, metric="cosine")
     with pytest.raises(ValueError, match="constant across features"):
         S.rsa(torch.ones(5, 3).cumsum(0), y[:5])
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="X needs at least one column"):
         S.cka(torch.zeros(10, 0), y)
 
 
@@ -426,7 +426,7 @@ ALL_ROW_MEASURES = {
 @pytest.mark.parametrize("measure", list(ALL_ROW_MEASURES))
 def test_grid_all_row_measures_equal_pure_functions(measure):
     a, b = _stacks(160)
-    g = S.grid_from_batches(_batches(a, b, 50), measure, filters=())
+    g = S.grid_from_batches(_batches(a, b, 50), measure)
     assert g.n_tokens == 160 and g.values.shape == (3, 4) and g.measure == measure
     f = ALL_ROW_MEASURES[measure]
     for i, ka in enumerate(a):
@@ -436,28 +436,27 @@ def test_grid_all_row_measures_equal_pure_functions(measure):
 
 def test_grid_streamed_measures_equal_full_batch():
     a, b = _stacks(600)
-    g = S.grid_from_batches(_batches(a, b), "cka_feature", filters=())
+    g = S.grid_from_batches(_batches(a, b), "cka_feature")
     assert float(g.values[2, 1]) == pytest.approx(S.cka(a["a2"], b["b1"], debiased=False), abs=1e-12)
-    g = S.grid_from_batches(_batches(a, b, 100), "cka", filters=(), minibatch_size=200)
+    g = S.grid_from_batches(_batches(a, b, 100), "cka", minibatch_size=200)
     bounds = [(0, 200), (200, 400), (400, 600)]
     assert g.extra["n_minibatches"] == 3 and g.n_tokens == 600
     assert float(g.values[0, 3]) == pytest.approx(_minibatch_ref(a["a0"], b["b3"], bounds), abs=1e-10)
-    g = S.grid_from_batches(_batches(a, b), lambda x, y: float(x.shape[1] * 100 + y.shape[1]), filters=())
+    g = S.grid_from_batches(_batches(a, b), lambda x, y: float(x.shape[1] * 100 + y.shape[1]))
     assert g.values[1, 0] == 1314
 
 
 def test_grid_max_rows_and_subsample():
     a, b = _stacks(600)
     with pytest.raises(ValueError, match="max_rows=256"):
-        S.grid_from_batches(_batches(a, b), "svcca", max_rows=256, filters=())
-    assert S.grid_from_batches(_batches(a, b), "svcca", max_rows=None, filters=()).n_tokens == 600
+        S.grid_from_batches(_batches(a, b), "svcca", max_rows=256)
+    assert S.grid_from_batches(_batches(a, b), "svcca", max_rows=None).n_tokens == 600
     tag = {"a0": torch.arange(600.0)[:, None].repeat(1, 3)}
     g = S.grid_from_batches(
         _batches(tag, {"b0": b["b0"]}, 50),
         lambda x, y: float(x[:, 0].mean()),
         max_rows=200,
         subsample=True,
-        filters=(),
     )
     assert g.n_tokens == 200 and g.extra["subsampled"] and g.extra["rows_seen"] == 600
     assert 200 < g.values[0, 0] < 400  # a uniform sample of 0..599 has mean ~300, the first 200 ~100
@@ -467,27 +466,95 @@ def test_grid_max_rows_and_subsample():
         seen.append(x[:, 0].clone())
         return 0.0
 
-    S.grid_from_batches(_batches(tag, {"b0": b["b0"]}, 50), record, max_rows=200, subsample=True, filters=())
+    S.grid_from_batches(_batches(tag, {"b0": b["b0"]}, 50), record, max_rows=200, subsample=True)
     assert seen[0].unique().numel() == 200  # no row sampled twice
 
 
-def test_grid_filters_drop_massive_rows():
-    a, b = _stacks(300)
+def _planted(n=300, every=50, factor=1000.0):
+    """`_stacks` with massive-activation rows planted at point a1 (every `every`-th row)."""
+    a, b = _stacks(n)
     a2 = {k: v.clone() for k, v in a.items()}
-    a2["a1"][::50] *= 1000.0  # 6 massive-activation tokens
-    g = S.grid_from_batches(_batches(a2, b), "cka_feature")
-    assert g.extra["filters"][0]["rows_dropped"] == 6 and g.n_tokens == 294
-    keep = torch.ones(300, dtype=torch.bool)
-    keep[::50] = False
+    a2["a1"][::every] *= factor
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[::every] = False
+    return a, a2, b, keep
+
+
+def test_grid_massive_drops_exactly_the_planted_rows():
+    a, a2, b, keep = _planted()  # 6 massive-activation rows
+    g = S.grid_from_batches(_batches(a2, b), "cka_feature", massive=5.0)
+    assert g.extra["filtered"] == {"massive": 6} and g.n_tokens == 294 and g.extra["rows_seen"] == 300
     assert float(g.values[1, 0]) == pytest.approx(
         S.cka(a["a1"][keep], b["b0"][keep], debiased=False), abs=1e-12
     )
-    raw = S.grid_from_batches(_batches(a2, b), "cka_feature", filters=())
-    assert raw.n_tokens == 300 and abs(float(raw.values[1, 0] - g.values[1, 0])) > 0.05
-    clamped = S.grid_from_batches(_batches(a2, b), "cka_feature", filters=[S.Clamp(10.0)])
-    assert clamped.extra["filters"][0]["values_clamped"] > 0
-    with pytest.raises(ValueError, match="unknown filter"):
-        S.grid_from_batches(_batches(a, b), "cka", filters=("nope",))
+    # the kept rows are exactly those of the store: the same for every measure
+    g = S.grid_from_batches(
+        _batches(a2, b, 300), lambda x, y: float(x[:, 0].sum()), massive=5.0, max_rows=None
+    )
+    assert float(g.values[0, 0]) == pytest.approx(float(a2["a0"][keep, 0].sum()), rel=1e-6)
+    with pytest.warns(UserWarning, match=r"A:a1 .*massive=5\.0"):
+        raw = S.grid_from_batches(_batches(a2, b), "cka_feature")
+    assert raw.n_tokens == 300 and raw.extra["filtered"] == {}
+    assert abs(float(raw.values[1, 0] - S.cka(a["a1"][keep], b["b0"][keep], debiased=False))) > 0.05
+
+
+def test_grid_rows_match_rowfilter_activations():
+    """massive= in a grid keeps, batch by batch, exactly the rows rows.RowFilter.activations keeps."""
+    from xlens_align.rows import RowFilter
+
+    _, a2, b, _ = _planted(300, every=37, factor=8.0)
+    b2 = {k: v.clone() for k, v in b.items()}
+    b2["b2"][5] *= 30.0
+    kept = []
+    g = S.grid_from_batches(
+        _batches(a2, b2, 100), lambda x, y: kept.append(x.clone()) or 0.0, ["a0"], ["b0"], massive=3.0
+    )
+    want = []
+    for s in range(0, 300, 100):
+        rf = RowFilter(massive=3.0)
+        keep, counts = rf.activations([a2["a0"][s : s + 100], b2["b0"][s : s + 100]])
+        want.append(a2["a0"][s : s + 100][keep])
+    assert torch.equal(kept[0], torch.cat(want))
+    # the massive test reads only the points of the grid: planted rows at a1 / b2 do not count here
+    assert g.extra["filtered"] == {"massive": 0}
+    g = S.grid_from_batches(_batches(a2, b2, 100), "cka_feature", massive=3.0)
+    n_drop = 0
+    for s in range(0, 300, 100):
+        acts = [v[s : s + 100] for v in (*a2.values(), *b2.values())]
+        n_drop += RowFilter(massive=3.0).activations(acts)[1]["massive"]
+    assert g.extra["filtered"] == {"massive": n_drop} and n_drop >= 9 and g.n_tokens == 300 - n_drop
+
+
+def test_grid_reports_filter_settings_and_counts():
+    a, a2, b, _ = _planted()
+    batches = [
+        types.SimpleNamespace(a=x.a, b=x.b, filtered={"bos": 2, "drop_first": 3})
+        for x in _batches(a2, b, 100)
+    ]
+    g = S.grid_from_batches(batches, "cka", massive=5.0, minibatch_size=100)
+    assert g.extra["rows"] == {"bos": "excluded", "drop_first": 0, "massive": 5.0, "clamp": None}
+    assert g.extra["filtered"] == {"bos": 6, "drop_first": 9, "massive": 6}
+    back = S.Grid.from_json(g.to_json())
+    assert back.extra["rows"] == g.extra["rows"] and back.extra["filtered"] == g.extra["filtered"]
+    # clamp clips values, infinities included, and keeps every row; NaN still raises
+    a3 = {k: v.clone() for k, v in a.items()}
+    a3["a0"][7, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"batch\.a\['a0'\] contains 1 non-finite"):
+        S.grid_from_batches(_batches(a3, b), "cka_feature")
+    g = S.grid_from_batches(_batches(a3, b), lambda x, y: float(x.abs().max()), clamp=10.0)
+    assert g.values[0, 0] == 10.0 and g.n_tokens == 300 and g.extra["rows"]["clamp"] == 10.0
+    a3["a0"][8, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        S.grid_from_batches(_batches(a3, b), "cka_feature", clamp=10.0)
+    with pytest.raises(ValueError, match="massive must be None or a factor > 1"):
+        S.grid_from_batches(_batches(a, b), "cka", massive=0.5)
+    with pytest.raises(ValueError, match="clamp must be a finite number > 0"):
+        S.grid_from_batches(_batches(a, b), "cka", clamp=-1.0)
+    empty = types.SimpleNamespace(
+        a={"x": torch.ones(0, 2)}, b={"y": torch.ones(0, 2)}, filtered={"drop_first": 4}
+    )
+    with pytest.raises(ValueError, match=r"all removed by the row filters \{'drop_first': 4"):
+        S.grid_from_batches([empty], "cka_feature", massive=2.0)
 
 
 def test_grid_bad_measure_and_source():
@@ -564,12 +631,23 @@ def test_layer_grid_with_collect_interface(monkeypatch):
     )
     model_b = types.SimpleNamespace(name="tiny-b", points=["embed", "resid_post.0"])
     pair = types.SimpleNamespace(a=model_a, b=model_b)
-    g = S.layer_grid(pair, ["t1", "t2"], batch_size=4, progress=False, max_tokens=7, minibatch_size=100)
+    g = S.layer_grid(
+        pair,
+        ["t1", "t2"],
+        batch_size=4,
+        progress=False,
+        max_tokens=7,
+        minibatch_size=100,
+        drop_first=1,
+        clamp=1e4,
+    )
     assert calls["points_a"] == ["embed", "resid_post.0", "resid_post.1"] and calls["points_b"] == [
         "embed",
         "resid_post.0",
     ]
-    assert calls["batch_size"] == 4 and calls["kw"] == {"max_tokens": 7} and calls["texts"] == ["t1", "t2"]
+    assert calls["batch_size"] == 4 and calls["texts"] == ["t1", "t2"]
+    assert calls["kw"] == {"max_tokens": 7, "drop_first": 1, "clamp": 1e4}  # massive is applied by the grid
+    assert g.extra["rows"] == {"bos": "excluded", "drop_first": 1, "massive": None, "clamp": 1e4}
     assert (g.model_a, g.model_b, g.measure, g.n_tokens) == ("tiny-a", "tiny-b", "cka", 300)
     assert torch.allclose(g.values, torch.full((3, 2), float(g.values[0, 0]), dtype=F64))
     g2 = S.layer_grid(
@@ -580,16 +658,18 @@ def test_layer_grid_with_collect_interface(monkeypatch):
     )
     with pytest.raises(TypeError, match="bypasses collect"):
         S.layer_grid(pair, None, source=[], max_tokens=3)
+    with pytest.raises(TypeError, match=r"bypasses collect.*drop_first"):
+        S.layer_grid(pair, None, source=[], drop_first=1)
 
 
 def test_grid_degenerate_point_is_named():
     a, b = _stacks(120)
     a["flat"] = torch.ones(120, 5)
     with pytest.warns(S.DegenerateInputWarning, match="A:flat"):
-        g = S.grid_from_batches(_batches(a, b, 60), "svcca", filters=())
+        g = S.grid_from_batches(_batches(a, b, 60), "svcca")
     assert (g.values[3] == 0).all() and (g.values[:3] > 0).all()
     with pytest.warns(S.DegenerateInputWarning, match="flat"):
-        g = S.grid_from_batches(_batches(a, b, 60), "procrustes", filters=())
+        g = S.grid_from_batches(_batches(a, b, 60), "procrustes")
     assert torch.allclose(g.values[3], torch.full((4,), math.sqrt(2), dtype=F64))
 
 
@@ -606,9 +686,7 @@ def test_grid_controls_on_request():
         ({k: v[i : i + 100] for k, v in a.items()}, {k: v[i : i + 100] for k, v in b.items()})
         for i in range(0, 600, 100)
     ]
-    grid = S.grid_from_batches(
-        batches, "cka", filters=(), n_perm=49, n_boot=40, control_rows=300, minibatch_size=100
-    )
+    grid = S.grid_from_batches(batches, "cka", n_perm=49, n_boot=40, control_rows=300, minibatch_size=100)
     ctl = grid.extra["controls"]
     assert ctl["rows"] == 300 and ctl["n_perm"] == 49 and ctl["alternative"] == "greater"
     p = grid.extra["p_values"][0]
@@ -623,7 +701,7 @@ def test_grid_controls_on_request():
     back = S.Grid.from_json(grid.to_json())
     assert back.extra["p_values"] == grid.extra["p_values"]
     # distances test the other tail
-    dist = S.grid_from_batches(batches, "procrustes", filters=(), n_perm=19, control_rows=200)
+    dist = S.grid_from_batches(batches, "procrustes", n_perm=19, control_rows=200)
     assert dist.extra["controls"]["alternative"] == "less" and dist.extra["p_values"][0][0] == pytest.approx(
         1 / 20
     )

@@ -108,9 +108,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "\n== CKA between every layer pair (debiased minibatch CKA), with and without massive-activation filters"
     )
     grids = {}
-    for label, filters in (("filtered", ("drop_massive",)), ("unfiltered", ())):
+    for label, massive in (("filtered", 5.0), ("unfiltered", None)):
         g = xa.similarity.grid_from_batches(
-            tr, "cka", pts_a, pts_b, filters=filters, model_a=pair.a.name, model_b=pair.b.name
+            tr, "cka", pts_a, pts_b, massive=massive, model_a=pair.a.name, model_b=pair.b.name
         )
         grids[label] = g
         path = out_dir / f"cka_{label}.html"

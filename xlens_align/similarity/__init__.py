@@ -23,7 +23,6 @@ from .cka import (
     u_center,
 )
 from .controls import Interval, bootstrap_ci, permutation_test
-from .filters import Clamp, DropMassiveRows, resolve_filters
 from .geometry import knn_indices, mutual_knn, procrustes_distance, rankdata, rdm, rsa, spearman
 from .grid import Grid
 from .streaming import MinibatchCKA
@@ -31,9 +30,7 @@ from .sweep import MEASURES, grid_from_batches, layer_grid
 
 __all__ = [
     "MEASURES",
-    "Clamp",
     "DegenerateInputWarning",
-    "DropMassiveRows",
     "Grid",
     "Interval",
     "MinibatchCKA",
@@ -57,7 +54,6 @@ __all__ = [
     "pwcca",
     "rankdata",
     "rdm",
-    "resolve_filters",
     "rsa",
     "spearman",
     "svcca",

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from xlens_align.stats import check_finite
+from xlens_align.validate import check_matrix, check_pair
 
 __all__ = ["DegenerateInputWarning", "SmallSampleWarning"]
 
@@ -25,34 +26,23 @@ class SmallSampleWarning(UserWarning):
     n <= d_x + d_y where canonical correlations become trivially 1)."""
 
 
-def as_matrix(x: Tensor, name: str) -> Float[Tensor, "n d"]:
-    """Check that `x` is a finite, non-empty 2-D float tensor and return it in float64."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [n, d], got {type(x).__name__}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D with shape [n, d], got shape {tuple(x.shape)}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
-    check_finite(x, name)
-    return x.to(torch.float64)
+def as_matrix(x: Any, name: str) -> Float[Tensor, "n d"]:
+    """`validate.check_matrix` (finite [n, d] float tensor, n, d >= 1), returned in float64."""
+    return check_matrix(x, name).to(torch.float64)
 
 
-def as_pair(
-    X: Tensor, Y: Tensor, min_n: int, what: str
-) -> tuple[Float[Tensor, "n dx"], Float[Tensor, "n dy"]]:
-    """Validate a pair of [n, d] inputs describing the same n items; return both in float64."""
-    x = as_matrix(X, "X")
-    y = as_matrix(Y, "Y")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"X and Y must have the same number of rows (row i of both = the same item), "
-            f"got X {tuple(x.shape)} and Y {tuple(y.shape)}"
-        )
-    if x.shape[0] < min_n:
-        raise ValueError(f"{what} needs at least {min_n} rows, got n={x.shape[0]}")
-    if y.device != x.device:
-        y = y.to(x.device)
-    return x, y
+def as_pair(X: Any, Y: Any, min_n: int, what: str) -> tuple[Float[Tensor, "n dx"], Float[Tensor, "n dy"]]:
+    """`validate.check_pair` (paired rows, n >= `min_n`, Y on X's device), both in float64."""
+    x, y = check_pair(X, Y, min_rows=min_n, what=what)
+    return x.to(torch.float64), y.to(torch.float64)
+
+
+def same_rows(tensors: Iterable[Tensor], what: str) -> int:
+    """The common row count of `tensors` (ValueError naming `what` when they differ)."""
+    ns = {t.shape[0] for t in tensors}
+    if len(ns) != 1:
+        raise ValueError(f"{what} must all have the same number of rows, got {sorted(ns)}")
+    return ns.pop()
 
 
 def rank_eps(x: Tensor) -> float:
@@ -66,10 +56,11 @@ def center(x: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
     return x - x.mean(0, keepdim=True)
 
 
-def zero_variance(xc: Float[Tensor, "n d"], x: Float[Tensor, "n d"]) -> bool:
-    """True when all rows of `x` are identical (its centred version `xc` is rounding noise)."""
-    scale = float(x.abs().max())
-    return float(xc.abs().max()) <= 1e-12 * scale
+def centred(x: Float[Tensor, "n d"]) -> Float[Tensor, "n d"] | None:
+    """`x` minus its column means, or None when all rows of `x` are identical (the centred
+    matrix is rounding noise: zero variance)."""
+    xc = center(x)
+    return None if float(xc.abs().max()) <= 1e-12 * float(x.abs().max()) else xc
 
 
 def warn_degenerate(name: str, measure: str, value: Any) -> Any:

@@ -21,12 +21,11 @@ from torch import Tensor
 from ._util import (
     SmallSampleWarning,
     as_pair,
-    center,
+    centred,
     finite_or_raise,
     orth_basis,
     rank_eps,
     warn_degenerate,
-    zero_variance,
 )
 
 __all__ = ["canonical_correlations", "cca_corr", "pwcca", "svcca"]
@@ -47,8 +46,8 @@ class _Basis:
 
 
 def _prep_basis(x: Tensor, eps: float, name: str) -> _Basis | None:
-    xc = center(x)
-    if zero_variance(xc, x):
+    xc = centred(x)
+    if xc is None:
         return None
     u, s, vh = orth_basis(xc, eps)
     return _Basis(u, s, vh, name)

@@ -17,7 +17,6 @@ returns 0.0 and emits a `DegenerateInputWarning`.
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Literal
 
@@ -26,6 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from xlens_align.stats import CrossStats, StatsGrid
+from xlens_align.validate import optional_positive_float
 
 from ._util import (
     DegenerateInputWarning,
@@ -33,9 +33,9 @@ from ._util import (
     as_matrix,
     as_pair,
     center,
+    centred,
     finite_or_raise,
     warn_degenerate,
-    zero_variance,
 )
 
 __all__ = [
@@ -97,14 +97,26 @@ def gram_rbf(X: Float[Tensor, "n d"], sigma: float | None = None) -> Float[Tenso
 
     `sigma` is a multiplier of the median heuristic (None means 1.0), as in Kornblith et al.
     """
-    _check_sigma(sigma)
+    optional_positive_float(sigma, "sigma")
     x = as_matrix(X, "X")
     return _rbf_from_centred(center(x), sigma, "X")
 
 
-def _check_sigma(sigma: float | None) -> None:
-    if sigma is not None and not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma must be a positive finite multiplier of the median distance, got {sigma!r}")
+def _prep_rbf(x: Tensor, name: str, debiased: bool = True, sigma: float | None = None) -> Tensor | None:
+    """A point's (U- or double-)centred RBF Gram, flattened to unit norm: RBF CKA of two points
+    is the dot product of theirs (None: zero variance, CKA 0)."""
+    optional_positive_float(sigma, "sigma")
+    xc = centred(x)
+    if xc is None:
+        return warn_degenerate(name, "CKA", None)
+    k = _rbf_from_centred(xc, sigma, name)
+    k = u_center(k, inplace=True) if debiased else _double_center(k)
+    nrm = torch.linalg.matrix_norm(k)
+    return None if float(nrm) == 0.0 else (k / nrm).flatten()
+
+
+def _pair_dot(a: Tensor | None, b: Tensor | None) -> float:
+    return 0.0 if a is None or b is None else float(a @ b)
 
 
 # -- HSIC estimators --------------------------------------------------------------------------
@@ -214,7 +226,7 @@ def cka(
         raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
     if kernel == "linear" and sigma is not None:
         raise ValueError("sigma only applies to kernel='rbf'")
-    _check_sigma(sigma)
+    optional_positive_float(sigma, "sigma")
     x, y = as_pair(X, Y, 4 if debiased else 2, "debiased CKA" if debiased else "CKA")
     n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
     if not debiased and n < max(dx, dy):
@@ -224,10 +236,9 @@ def cka(
             SmallSampleWarning,
             stacklevel=2,
         )
-    xc, yc = center(x), center(y)
-    for name, c, raw in (("X", xc, x), ("Y", yc, y)):
-        if zero_variance(c, raw):
-            return warn_degenerate(name, "CKA", 0.0)
+    xc, yc = centred(x), centred(y)
+    if xc is None or yc is None:
+        return warn_degenerate("X" if xc is None else "Y", "CKA", 0.0)
     if kernel == "rbf":
         value = _cka_from_grams(
             _rbf_from_centred(xc, sigma, "X"), _rbf_from_centred(yc, sigma, "Y"), debiased
@@ -240,15 +251,19 @@ def cka(
 
 
 # -- from streamed statistics -----------------------------------------------------------------
+def _check_stats(obj: object, cls: type, arg: str) -> None:
+    if not isinstance(obj, cls):
+        raise TypeError(f"{arg} must be a {cls.__name__}, got {type(obj).__name__}")
+    if obj.n < 2:  # type: ignore[attr-defined]
+        raise ValueError(f"{arg} needs at least 2 accumulated rows, has {obj.n}")  # type: ignore[attr-defined]
+
+
 def cka_from_stats(stats: CrossStats) -> float:
     """Biased linear CKA from centred co-moments: ``||S_xy||_F^2 / (||S_xx||_F ||S_yy||_F)``.
 
     Equals ``cka(X, Y, debiased=False)`` on the concatenation of every batch fed to `stats`.
     """
-    if not isinstance(stats, CrossStats):
-        raise TypeError(f"stats must be a CrossStats, got {type(stats).__name__}")
-    if stats.n < 2:
-        raise ValueError(f"cka_from_stats needs at least 2 accumulated rows, have {stats.n}")
+    _check_stats(stats, CrossStats, "stats")
     if stats.n < max(stats.d_x, stats.d_y):
         warnings.warn(
             f"biased CKA with n={stats.n} rows < d={max(stats.d_x, stats.d_y)} is inflated towards 1",
@@ -269,10 +284,7 @@ def cka_grid_from_stats(grid: StatsGrid) -> Float[Tensor, "pa pb"]:
     Each point's ``||S||_F`` is computed once. Pairs the grid did not accumulate are NaN;
     zero-variance points give 0.0 with a `DegenerateInputWarning`.
     """
-    if not isinstance(grid, StatsGrid):
-        raise TypeError(f"grid must be a StatsGrid, got {type(grid).__name__}")
-    if grid.n < 2:
-        raise ValueError(f"cka_grid_from_stats needs at least 2 accumulated rows, have {grid.n}")
+    _check_stats(grid, StatsGrid, "grid")
     na = {p: float(torch.linalg.matrix_norm(m.s)) for p, m in grid.moments_a.items()}
     nb = {p: float(torch.linalg.matrix_norm(m.s)) for p, m in grid.moments_b.items()}
     for side, norms in (("A", na), ("B", nb)):

@@ -9,6 +9,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from xlens_align.validate import positive_int
+
 from ._util import as_pair
 
 __all__ = ["Interval", "bootstrap_ci", "permutation_test"]
@@ -23,9 +25,15 @@ class Interval(NamedTuple):
     high: float
 
 
-def _check_count(value: int, name: str) -> None:
-    if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+def _start(
+    measure: Measure, X: Tensor, Y: Tensor, count: int, arg: str, seed: int
+) -> tuple[int, torch.Generator]:
+    """Check a control's inputs; return the number of items and a generator seeded with `seed`."""
+    if not callable(measure):
+        raise TypeError(f"measure must be a callable (X, Y) -> float, got {type(measure).__name__}")
+    positive_int(count, arg)
+    as_pair(X, Y, 2, "paired rows")
+    return X.shape[0], torch.Generator().manual_seed(seed)
 
 
 def permutation_test(
@@ -43,14 +51,9 @@ def permutation_test(
     ``alternative="less"`` for distances (e.g. `procrustes_distance`); "two-sided" compares
     absolute deviations from the null mean.
     """
-    if not callable(measure):
-        raise TypeError(f"measure must be a callable (X, Y) -> float, got {type(measure).__name__}")
-    _check_count(n_perm, "n_perm")
     if alternative not in ("greater", "less", "two-sided"):
         raise ValueError(f"alternative must be 'greater', 'less' or 'two-sided', got {alternative!r}")
-    as_pair(X, Y, 2, "permutation_test")
-    n = X.shape[0]
-    gen = torch.Generator().manual_seed(seed)
+    n, gen = _start(measure, X, Y, n_perm, "n_perm", seed)
     observed = float(measure(X, Y))
     null = torch.tensor(
         [float(measure(X, Y[torch.randperm(n, generator=gen).to(Y.device)])) for _ in range(n_perm)],
@@ -80,14 +83,9 @@ def bootstrap_ci(
     Note that resampling duplicates rows: estimators that treat duplicates as evidence (k-NN
     overlap, debiased HSIC) are shifted on resamples; read the interval as a spread.
     """
-    if not callable(measure):
-        raise TypeError(f"measure must be a callable (X, Y) -> float, got {type(measure).__name__}")
-    _check_count(n_boot, "n_boot")
     if not (isinstance(level, float) and 0.0 < level < 1.0):
         raise ValueError(f"level must be a float in (0, 1), got {level!r}")
-    as_pair(X, Y, 2, "bootstrap_ci")
-    n = X.shape[0]
-    gen = torch.Generator().manual_seed(seed)
+    n, gen = _start(measure, X, Y, n_boot, "n_boot", seed)
     vals = []
     for _ in range(n_boot):
         idx = torch.randint(0, n, (n,), generator=gen)

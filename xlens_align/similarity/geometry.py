@@ -14,16 +14,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ._util import (
-    as_matrix,
-    as_pair,
-    center,
-    finite_or_raise,
-    orth_basis,
-    rank_eps,
-    warn_degenerate,
-    zero_variance,
-)
+from xlens_align.validate import positive_int
+
+from . import _util as ut
 
 __all__ = ["knn_indices", "mutual_knn", "procrustes_distance", "rankdata", "rdm", "rsa", "spearman"]
 
@@ -33,21 +26,21 @@ _SQRT2 = math.sqrt(2.0)
 # -- Procrustes -------------------------------------------------------------------------------
 def _prep_procrustes(x: Tensor, eps: float) -> Tensor | None:
     """X_c / ||X_c||_F expressed in its own right-singular basis (same singular values)."""
-    xc = center(x)
-    if zero_variance(xc, x):
+    xc = ut.centred(x)
+    if xc is None:
         return None
     xn = xc / torch.linalg.matrix_norm(xc)
     if xn.shape[0] >= xn.shape[1]:
         return xn
-    u, s, _ = orth_basis(xn, eps)
+    u, s, _ = ut.orth_basis(xn, eps)
     return u * s
 
 
 def _pair_procrustes(px: Tensor | None, py: Tensor | None) -> float:
     if px is None or py is None:
-        return warn_degenerate("X" if px is None else "Y", "procrustes_distance", _SQRT2)
+        return ut.warn_degenerate("X" if px is None else "Y", "procrustes_distance", _SQRT2)
     nuc = torch.linalg.svdvals(px.T @ py).sum()
-    return finite_or_raise(torch.sqrt((2.0 - 2.0 * nuc).clamp(min=0.0)), "procrustes_distance")
+    return ut.finite_or_raise(torch.sqrt((2.0 - 2.0 * nuc).clamp(min=0.0)), "procrustes_distance")
 
 
 def procrustes_distance(X: Float[Tensor, "n dx"], Y: Float[Tensor, "n dy"]) -> float:
@@ -57,8 +50,8 @@ def procrustes_distance(X: Float[Tensor, "n dx"], Y: Float[Tensor, "n dy"]) -> f
     (the narrower input is zero-padded when d_x != d_y). In [0, sqrt(2)]; 0 for rotated,
     reflected, scaled or shifted copies. A distance: lower is more similar.
     """
-    x, y = as_pair(X, Y, 2, "procrustes_distance")
-    return _pair_procrustes(_prep_procrustes(x, rank_eps(X)), _prep_procrustes(y, rank_eps(Y)))
+    x, y = ut.as_pair(X, Y, 2, "procrustes_distance")
+    return _pair_procrustes(_prep_procrustes(x, ut.rank_eps(X)), _prep_procrustes(y, ut.rank_eps(Y)))
 
 
 # -- mutual k nearest neighbours -------------------------------------------------------------
@@ -67,7 +60,7 @@ def _knn(x: Tensor, k: int, metric: str, chunk: int = 1024) -> Tensor:
     if metric == "cosine":
         z = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp(min=1e-300)
     else:
-        z = center(x)
+        z = ut.center(x)
         sq = (z * z).sum(1)
     out = torch.empty(n, k, dtype=torch.long, device=x.device)
     for i in range(0, n, chunk):
@@ -83,8 +76,7 @@ def _knn(x: Tensor, k: int, metric: str, chunk: int = 1024) -> Tensor:
 def _check_knn(n: int, k: int, metric: str) -> None:
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    positive_int(k, "k")
     if k >= n - 1:
         raise ValueError(f"k must be < n - 1 (n={n} rows) for the overlap to carry information, got k={k}")
 
@@ -93,20 +85,18 @@ def knn_indices(
     X: Float[Tensor, "n d"], k: int = 10, metric: Literal["cosine", "euclidean"] = "cosine"
 ) -> Int[Tensor, "n k"]:
     """Indices of the k nearest other rows of each row (self excluded), nearest first."""
-    x = as_matrix(X, "X")
+    x = ut.as_matrix(X, "X")
     _check_knn(x.shape[0], k, metric)
     return _knn(x, k, metric)
 
 
 def _prep_knn(x: Tensor, k: int, metric: str) -> Tensor | None:
-    if zero_variance(center(x), x):
-        return None
-    return _knn(x, k, metric)
+    return None if ut.centred(x) is None else _knn(x, k, metric)
 
 
 def _pair_knn(nx: Tensor | None, ny: Tensor | None) -> float:
     if nx is None or ny is None:
-        return warn_degenerate("X" if nx is None else "Y", "mutual_knn", 0.0)
+        return ut.warn_degenerate("X" if nx is None else "Y", "mutual_knn", 0.0)
     k = nx.shape[1]
     hits = (nx[:, :, None] == ny[:, None, :]).any(-1).sum(1)
     return float(hits.to(torch.float64).mean() / k)
@@ -123,7 +113,7 @@ def mutual_knn(
     N_X(i) are the k nearest other rows of item i in X; metric "cosine" (rows L2-normalised,
     as in the paper) or "euclidean". 1 for identical neighbourhoods; about k / (n - 1) by chance.
     """
-    x, y = as_pair(X, Y, 3, "mutual_knn")
+    x, y = ut.as_pair(X, Y, 3, "mutual_knn")
     _check_knn(x.shape[0], k, metric)
     return _pair_knn(_prep_knn(x, k, metric), _prep_knn(y, k, metric))
 
@@ -166,8 +156,8 @@ def spearman(u: Float[Tensor, " m"], v: Float[Tensor, " m"]) -> float:
         )
     ru, rv = _standardized_ranks(u.to(torch.float64)), _standardized_ranks(v.to(torch.float64))
     if ru is None or rv is None:
-        return warn_degenerate("u" if ru is None else "v", "Spearman correlation", 0.0)
-    return finite_or_raise((ru @ rv).clamp(-1.0, 1.0), "Spearman correlation")
+        return ut.warn_degenerate("u" if ru is None else "v", "Spearman correlation", 0.0)
+    return ut.finite_or_raise((ru @ rv).clamp(-1.0, 1.0), "Spearman correlation")
 
 
 def _rdm(x: Tensor, metric: str, name: str) -> Tensor:
@@ -184,7 +174,7 @@ def _rdm(x: Tensor, metric: str, name: str) -> Tensor:
         z = z / nrm
         d = 1.0 - z @ z.T
     elif metric == "euclidean":
-        xc = center(x)
+        xc = ut.center(x)
         sq = (xc * xc).sum(1)
         d = (sq[:, None] + sq[None, :] - 2.0 * (xc @ xc.T)).clamp(min=0.0).sqrt()
     else:
@@ -200,22 +190,20 @@ def rdm(
 
     "correlation": 1 - Pearson correlation between items' feature vectors; "euclidean": distance.
     """
-    x = as_matrix(X, "X")
+    x = ut.as_matrix(X, "X")
     if x.shape[0] < 2:
         raise ValueError(f"rdm needs at least 2 rows, got {x.shape[0]}")
     return _rdm(x, metric, "X")
 
 
 def _prep_rsa(x: Tensor, metric: str, name: str) -> Tensor | None:
-    if zero_variance(center(x), x):
-        return None
-    return _standardized_ranks(_rdm(x, metric, name))
+    return None if ut.centred(x) is None else _standardized_ranks(_rdm(x, metric, name))
 
 
 def _pair_rsa(rx: Tensor | None, ry: Tensor | None) -> float:
     if rx is None or ry is None:
-        return warn_degenerate("X" if rx is None else "Y", "RSA (its RDM is constant)", 0.0)
-    return finite_or_raise((rx @ ry).clamp(-1.0, 1.0), "RSA")
+        return ut.warn_degenerate("X" if rx is None else "Y", "RSA (its RDM is constant)", 0.0)
+    return ut.finite_or_raise((rx @ ry).clamp(-1.0, 1.0), "RSA")
 
 
 def rsa(
@@ -229,7 +217,7 @@ def rsa(
     RDMs to per-item affine changes. A constant RDM (e.g. all rows identical) gives 0.0 with a
     `DegenerateInputWarning`.
     """
-    x, y = as_pair(X, Y, 3, "rsa")
+    x, y = ut.as_pair(X, Y, 3, "rsa")
     if metric not in ("correlation", "euclidean"):
         raise ValueError(f"metric must be 'correlation' or 'euclidean', got {metric!r}")
     return _pair_rsa(_prep_rsa(x, metric, "X"), _prep_rsa(y, metric, "Y"))

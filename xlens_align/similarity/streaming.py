@@ -22,9 +22,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from xlens_align.stats import check_finite
+from xlens_align.validate import check_finite
 
-from ._util import DegenerateInputWarning
+from ._util import DegenerateInputWarning, same_rows
 from .cka import u_center
 
 __all__ = ["MinibatchCKA"]
@@ -115,12 +115,7 @@ class MinibatchCKA:
     ) -> MinibatchCKA:
         """Add paired activations (row i of every tensor = the same token)."""
         xs, ys = self._check(acts_a, "a"), self._check(acts_b, "b")
-        ns = {t.shape[0] for t in (*xs, *ys)}
-        if len(ns) != 1:
-            raise ValueError(
-                f"all activations in one update must have the same number of rows, got {sorted(ns)}"
-            )
-        n = ns.pop()
+        n = same_rows((*xs, *ys), "the activations of one update")
         if n == 0:
             return self
         if self.device is None:
