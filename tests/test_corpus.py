@@ -6,9 +6,11 @@ import json
 import sys
 
 import pytest
+import torch
 
 from xlens_align import corpus
 from xlens_align.corpus import Corpus, load, split_passages
+from xlens_align.files import atomic_path, held_out_count, split_indices
 
 
 def test_pydoc_is_deterministic_prose_of_bounded_length():
@@ -154,7 +156,7 @@ def test_errors(tmp_path):
         load(["fine text", None])
     with pytest.raises(ValueError, match="held_out fraction"):
         load("pydoc", held_out=1.5)
-    with pytest.raises(ValueError, match="no training passage"):
+    with pytest.raises(ValueError, match="nothing to train on"):
         load(["a single passage of text"], min_chars=1, held_out=1)
     with pytest.raises(ValueError, match="split must be"):
         load("pydoc", split="dev2")
@@ -162,6 +164,10 @@ def test_errors(tmp_path):
         load("pydoc", min_chars=500, max_chars=100)
     with pytest.raises(ValueError, match="dataset spec"):
         load("hf:")
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        load("pydoc", seed=1.5)
+    with pytest.raises(ValueError, match="limit must be a positive int"):
+        load("pydoc", limit=0)
 
 
 def test_list_spec_limit_and_split_passages():
@@ -174,3 +180,40 @@ def test_list_spec_limit_and_split_passages():
     assert packed == ["aaa\n\nbbb", "ccc"]
     assert split_passages(["x" * 25], min_chars=1, max_chars=10) == ["x" * 10, "x" * 10, "x" * 5]
     assert corpus.pydoc_passages(max_chars=None, min_chars=1)[0].startswith("Assert statements")
+
+
+# ------------------------------------------------------------------------------ files: split, atomic
+
+
+def test_split_indices_deterministic_disjoint_and_used_by_load():
+    for n, held in ((1, 0.0), (2, 0.1), (10, 3), (101, 0.25)):
+        train, held_idx = split_indices(n, held, seed=7)
+        again = split_indices(n, held, seed=7)
+        assert torch.equal(train, again[0]) and torch.equal(held_idx, again[1])
+        assert not set(train.tolist()) & set(held_idx.tolist())
+        assert sorted(train.tolist() + held_idx.tolist()) == list(range(n))
+        assert train.tolist() == sorted(train.tolist()) and held_idx.tolist() == sorted(held_idx.tolist())
+        assert len(held_idx) == held_out_count(held, n)
+    assert split_indices(100, 0.2, seed=0)[1].tolist() != split_indices(100, 0.2, seed=1)[1].tolist()
+    texts = [f"passage {i} is long enough" for i in range(30)]
+    c = load(texts, min_chars=1, held_out=0.2, seed=4)
+    assert c.held_out_index == split_indices(30, 0.2, seed=4)[1].tolist()
+    assert c.train == [texts[i] for i in split_indices(30, 0.2, seed=4)[0].tolist()]
+
+
+def test_atomic_path_leaves_no_file_when_the_body_raises(tmp_path):
+    target = tmp_path / "sub" / "out.bin"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"new")
+            raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"old" and list(target.parent.iterdir()) == [target]
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and list(target.parent.iterdir()) == [target]

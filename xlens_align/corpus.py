@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .files import split_indices
+from .passages import pydoc_passages, split_paragraphs, split_passages
+from .validate import nonneg_int, positive_int
 
 __all__ = ["Corpus", "load", "pydoc_passages", "split_passages"]
 
@@ -85,126 +87,8 @@ class Corpus(Sequence[str]):
 
 
 # --------------------------------------------------------------------------------------------
-# bounding
-# --------------------------------------------------------------------------------------------
-
-_SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+")
-
-
-def _pieces(text: str, max_chars: int) -> list[str]:
-    """Split `text` into pieces of at most `max_chars`: at sentence ends, else spaces, else hard."""
-    if len(text) <= max_chars:
-        return [text]
-    out: list[str] = []
-    for pattern in (_SENTENCE_END, re.compile(r"\s+")):
-        parts = [p for p in pattern.split(text) if p]
-        if len(parts) > 1:
-            sep = " "
-            cur = ""
-            for p in parts:
-                for q in _pieces(p, max_chars) if len(p) > max_chars else [p]:
-                    if cur and len(cur) + len(sep) + len(q) > max_chars:
-                        out.append(cur)
-                        cur = q
-                    else:
-                        cur = f"{cur}{sep}{q}" if cur else q
-            if cur:
-                out.append(cur)
-            return out
-    return [text[i : i + max_chars] for i in range(0, len(text), max_chars)]
-
-
-def split_passages(
-    paragraphs: Sequence[str], *, min_chars: int, max_chars: int | None, pack: bool = False
-) -> list[str]:
-    """Bound paragraphs to passages of `min_chars`..`max_chars` characters.
-
-    With `pack`, consecutive paragraphs are joined (by a blank line) while the passage stays within
-    `max_chars`. `max_chars=None` means no upper bound (and packs everything into one passage).
-    """
-    out: list[str] = []
-    cur = ""
-    for para in paragraphs:
-        para = para.strip()
-        if not para:
-            continue
-        pieces = [para] if max_chars is None else _pieces(para, max_chars)
-        for piece in pieces:
-            if pack and cur and (max_chars is None or len(cur) + 2 + len(piece) <= max_chars):
-                cur = f"{cur}\n\n{piece}"
-                continue
-            if cur:
-                out.append(cur)
-            cur = piece
-            if not pack:
-                out.append(cur)
-                cur = ""
-    if cur:
-        out.append(cur)
-    return [p for p in (s.strip() for s in out) if len(p) >= min_chars]
-
-
-def _paragraphs(text: str) -> list[str]:
-    """Blocks separated by blank lines; the first line keeps its indentation."""
-    parts = re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n").replace("\r", "\n"))
-    return [p.strip("\n").rstrip() for p in parts if p.strip()]
-
-
-def _join_lines(lines: list[str]) -> str:
-    """Join wrapped lines with single spaces (a word hyphenated at a line end stays one word)."""
-    out = ""
-    for ln in (x.strip() for x in lines):
-        if not out:
-            out = ln
-        elif re.search(r"[A-Za-z]-$", out) and ln[:1].islower():
-            out += ln
-        else:
-            out += " " + ln
-    return out
-
-
-# --------------------------------------------------------------------------------------------
 # sources
 # --------------------------------------------------------------------------------------------
-
-_UNDERLINE = re.compile(r"^\s*([*=\-~^+#\"'`])\1{2,}\s*$")
-
-
-def _pydoc_prose(topic: str) -> list[str]:
-    """The prose paragraphs of one pydoc topic, each joined into one line."""
-    out = []
-    for para in _paragraphs(topic):
-        lines = para.split("\n")
-        keep: list[str] = []
-        for line in lines:
-            if _UNDERLINE.match(line):
-                if keep:
-                    keep.pop()  # the heading above its underline
-                continue
-            keep.append(line)
-        lines = [ln for ln in keep if ln.strip()]
-        if not lines:
-            continue
-        if all(ln.startswith("   ") for ln in lines):  # literal block: code, grammar, examples
-            continue
-        if any(ln.lstrip().startswith(("+-", "+=", "| ", ">>>", "...")) for ln in lines):  # tables, doctests
-            continue
-        out.append(_join_lines(lines))
-    return out
-
-
-def pydoc_passages(*, min_chars: int = 40, max_chars: int | None = 1500) -> list[str]:
-    """Prose passages of CPython's reference manual (``pydoc_data.topics``), deterministic."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError as e:  # stripped-down Python builds
-        raise FileNotFoundError("this Python has no pydoc_data.topics; pass a text file instead") from e
-    out: list[str] = []
-    for key in sorted(topics):
-        out.extend(
-            split_passages(_pydoc_prose(topics[key]), min_chars=min_chars, max_chars=max_chars, pack=True)
-        )
-    return out
 
 
 def _read_text(path: Path) -> str:
@@ -245,7 +129,7 @@ def _from_folder(path: Path) -> list[str]:
         raise ValueError(f"folder {path} holds no {'/'.join(_TEXT_SUFFIXES)} files")
     out = []
     for f in files:
-        out.extend(_paragraphs(_read_text(f)))
+        out.extend(split_paragraphs(_read_text(f)))
     return out
 
 
@@ -333,26 +217,8 @@ def _raw_passages(spec: Any, field_name: str, dataset_split: str) -> tuple[str, 
     if suffix == ".jsonl":
         return str(path), _from_jsonl(path, field_name), False
     if suffix in _TEXT_SUFFIXES:
-        return str(path), _paragraphs(_read_text(path)), False
+        return str(path), split_paragraphs(_read_text(path)), False
     raise ValueError(f"unsupported corpus file {path}: expected .txt, .md, .jsonl or a folder")
-
-
-def _held_out_count(held_out: float | int, n: int) -> int:
-    if isinstance(held_out, bool) or not isinstance(held_out, (int, float)):
-        raise TypeError(f"held_out must be a fraction in [0, 1) or a count, got {held_out!r}")
-    if isinstance(held_out, int):
-        if held_out < 0:
-            raise ValueError(f"held_out count must be >= 0, got {held_out}")
-        k = held_out
-    else:
-        if not 0.0 <= held_out < 1.0:
-            raise ValueError(f"held_out fraction must be in [0, 1), got {held_out}")
-        k = round(held_out * n)
-        if held_out > 0 and n >= 2:
-            k = max(k, 1)
-    if k > 0 and k >= n:
-        raise ValueError(f"held_out={held_out!r} would leave no training passage out of {n}")
-    return k
 
 
 def load(
@@ -374,7 +240,7 @@ def load(
         spec: ``"pydoc"``, a ``.txt``/``.md``/``.jsonl`` path, a folder, ``"hf:<name>[:<config>]"``,
             a ``datasets`` dataset, or a list of strings.
         split: None returns the `Corpus`; ``"train"``, ``"held_out"`` or ``"all"`` return that list.
-        seed: seed of the train / held-out split.
+        seed: seed of the train / held-out split (`files.split_indices`: a seeded permutation).
         held_out: fraction of passages held out (in [0, 1)), or an int count.
         min_chars, max_chars: passage length bounds (characters); shorter passages are dropped,
             longer ones split. ``max_chars=None``: no upper bound.
@@ -383,10 +249,12 @@ def load(
         limit: keep only the first `limit` passages (before splitting).
         dedup: drop exact duplicate passages (keeping the first).
     """
-    if not isinstance(min_chars, int) or min_chars < 0:
-        raise ValueError(f"min_chars must be an int >= 0, got {min_chars!r}")
-    if max_chars is not None and (not isinstance(max_chars, int) or max_chars < 1):
-        raise ValueError(f"max_chars must be an int >= 1 or None, got {max_chars!r}")
+    nonneg_int(min_chars, "min_chars")
+    if max_chars is not None:
+        positive_int(max_chars, "max_chars")
+    if limit is not None:
+        positive_int(limit, "limit")
+    nonneg_int(seed, "seed")
     if max_chars is not None and min_chars > max_chars:
         raise ValueError(f"min_chars ({min_chars}) is larger than max_chars ({max_chars})")
     name, paragraphs, pack = _raw_passages(spec, field, dataset_split)
@@ -397,26 +265,20 @@ def load(
     if dedup:
         texts = list(dict.fromkeys(texts))
     if limit is not None:
-        if not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit must be an int >= 1 or None, got {limit!r}")
         texts = texts[:limit]
     if not texts:
         raise ValueError(
             f"corpus {name!r} is empty: no passage of at least min_chars={min_chars} characters "
             f"(it had {len(paragraphs) if name != 'pydoc' else 0} paragraphs before bounding)"
         )
-    k = _held_out_count(held_out, len(texts))
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    held = sorted(order[:k])
-    held_set = set(held)
+    train, held = (idx.tolist() for idx in split_indices(len(texts), held_out, seed))
     corpus = Corpus(
         name=name,
         texts=texts,
-        train=[t for i, t in enumerate(texts) if i not in held_set],
+        train=[texts[i] for i in train],
         held_out=[texts[i] for i in held],
         seed=seed,
-        held_out_fraction=k / len(texts),
+        held_out_fraction=len(held) / len(texts),
         held_out_index=held,
     )
     return corpus if split is None else corpus.split(split)
