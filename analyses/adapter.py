@@ -9,6 +9,9 @@ and is trained through B with the patch in place, once with B's next-token cross
 (``objective="ce"``) and once with KL to clean B (``"kl"``), early-stopped on validation texts.
 Each is then patched into B over held-out texts (`effects.measure`, mean-ablation from other
 texts) and the table printed; ``<out>/adapter.json`` keeps every number and the training history.
+The adapter's training and validation losses are scored by the same plan and scorer as
+`effects.measure` (predictions from the first patched position on), so its validation CE is the
+``ce_patched`` that `effects.measure` reports on the validation texts.
 """
 
 from __future__ import annotations
@@ -69,11 +72,11 @@ def main() -> None:
     history, train_s = {}, {}
     for objective in args.objectives.split(","):
         t1 = time.time()
-        ad = xa.maps.train_adapter(
+        ad = xa.fitting.train_adapter(
             pair,
-            src,
-            tgt,
-            fit,
+            source=src,
+            target=tgt,
+            texts=fit,
             init="affine",
             objective=objective,
             steps=args.steps,

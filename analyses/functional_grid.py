@@ -4,7 +4,7 @@
     python analyses/functional_grid.py --layers 6 --kind procrustes --device cuda
 
 Affine maps (ridge, alpha by validation) are fitted for every (source, target) pair from one
-streamed pass over the fit texts (`maps.fit_grid`), then every cell is patched into B over
+streamed pass over the fit texts (`fitting.fit_grid`), then every cell is patched into B over
 held-out texts in batched forwards (`effects.grid`), against mean-ablation at the same point.
 Writes ``<out>/functional_<kind>.html`` (recovered) and ``.json`` (all metrics).
 """
@@ -50,7 +50,7 @@ def main() -> None:
     kind_kw = {"alpha": "cv"} if args.kind == "affine" else {"rank": 64} if args.kind == "lowrank" else {}
     if args.kind == "cca":
         kind_kw = {"k": 64}
-    maps = xa.maps.fit_grid(
+    maps = xa.fitting.fit_grid(
         pair, fit, sources, targets, kind=args.kind, drop_first=1, progress=False, **kind_kw
     )
     g = xa.effects.grid(pair, maps, held, ablation="mean", ablation_texts=ablation, drop_first=1)
