@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import atomic_path
+
 __all__ = ["PACKAGED", "cache_dir", "gguf_to_cache", "is_gguf", "materialize"]
 
 GGUF_MAGIC = b"GGUF"
@@ -61,10 +63,8 @@ def _gemma3_gguf() -> Path:
 
     out = cache_dir() / "gguf" / g.MODEL_NAME
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        g.assemble(tmp, overwrite=True)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            g.assemble(tmp, overwrite=True)  # checks the sha256 of what it wrote
     return out
 
 
