@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 import sys
 
@@ -217,3 +218,7 @@ def test_atomic_path_leaves_no_file_when_the_body_raises(tmp_path):
     with atomic_path(target) as tmp:
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new" and list(target.parent.iterdir()) == [target]
+    # published with the usual mode (mkstemp alone would leave it owner-only)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
