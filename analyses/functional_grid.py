@@ -42,11 +42,7 @@ def main() -> None:
     ablation = [t[: args.max_chars] for t in corpus.train[args.fit_texts : args.fit_texts + 8]]
     held = [t[: args.max_chars] for t in corpus.held_out[: args.eval_texts]]
 
-    def spaced(m) -> list[str]:
-        k = args.layers
-        return [f"resid_post.{round(i * (m.n_layers - 1) / (k - 1))}" for i in range(k)]
-
-    sources, targets = spaced(pair.a), spaced(pair.b)
+    sources, targets = pair.a.spaced_points(args.layers), pair.b.spaced_points(args.layers)
     kind_kw = {"alpha": "cv"} if args.kind == "affine" else {"rank": 64} if args.kind == "lowrank" else {}
     if args.kind == "cca":
         kind_kw = {"k": 64}

@@ -311,3 +311,14 @@ def test_top_level_api_resolves():
         assert getattr(xa, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = xa.nope
+
+
+def test_spaced_points():
+    from xlens_align.points import point_at_depth, spaced_points
+
+    assert spaced_points(30, 4) == ["resid_post.0", "resid_post.10", "resid_post.19", "resid_post.29"]
+    assert spaced_points(30, 4) == [point_at_depth(30, f) for f in (0, 1 / 3, 2 / 3, 1)]
+    assert spaced_points(3, 6) == ["resid_post.0", "resid_post.1", "resid_post.2"]  # no repeats
+    assert spaced_points(5, 1, "resid_mid") == ["resid_mid.0"]
+    with pytest.raises(ValueError, match="k .number of points. must be a positive int"):
+        spaced_points(5, 0)

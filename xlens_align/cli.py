@@ -39,8 +39,7 @@ def _load_pair(args: argparse.Namespace):
 
 def _spaced(model: Any, k: int) -> list[str]:
     """k resid_post points evenly spaced over depth, plus 'embed'."""
-    layers = sorted({round(i * (model.n_layers - 1) / (k - 1)) for i in range(k)})
-    return ["embed", *(f"resid_post.{layer}" for layer in layers)]
+    return ["embed", *model.spaced_points(k)]
 
 
 def _forward_check(pair: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .loading import load_hf, tokenizer_dir
-from .points import Point, all_points, forward_stop, parse_point
+from .points import Point, all_points, forward_stop, parse_point, spaced_points
 from .points import point_at_depth as _point_at_depth
 from .tokens import AlignedBatch, align
 
@@ -117,6 +117,10 @@ class LensModel:
 
     def point_at_depth(self, fraction: float, kind: str = "resid_post") -> str:
         return _point_at_depth(self.n_layers, fraction, kind)
+
+    def spaced_points(self, k: int, kind: str = "resid_post") -> list[str]:
+        """`k` `kind` points evenly spaced over depth (see `points.spaced_points`)."""
+        return spaced_points(self.n_layers, k, kind)
 
     # -- running ---------------------------------------------------------------------------------
     def to_tokens(self, texts: str | Sequence[str]) -> tuple[Tensor, Tensor]:

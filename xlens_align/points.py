@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = [
+    "spaced_points",
     "KINDS",
     "Point",
     "all_points",
@@ -140,6 +141,16 @@ def point_at_depth(n_layers: int, fraction: float, kind: str = "resid_post") -> 
         raise ValueError(f"kind must be one of {('embed', *KINDS, 'final')}, got {kind!r}")
     layer = min(n_layers - 1, int(round(float(fraction) * (n_layers - 1))))
     return f"{kind}.{layer}"
+
+
+def spaced_points(n_layers: int, k: int, kind: str = "resid_post") -> list[str]:
+    """`k` `kind` points evenly spaced over depth, first block to last (fewer when two fractions
+    land on the same block): ``[point_at_depth(n_layers, i / (k - 1), kind) for i in range(k)]``."""
+    _check_n_layers(n_layers)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (number of points) must be a positive int, got {k!r}")
+    fractions = [0.0] if k == 1 else [i / (k - 1) for i in range(k)]
+    return list(dict.fromkeys(point_at_depth(n_layers, f, kind) for f in fractions))
 
 
 def forward_stop(points: Iterable[Point], n_layers: int) -> tuple[int | None, Point]:
