@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xlens_align.stats import CrossStats, StatsGrid
+from xlens_align.stats import CHUNK_ROWS, CrossStats, StatsGrid
 
 
 def _data(n=1000, dx=7, dy=5, seed=0):
@@ -45,6 +45,37 @@ def test_merge_is_exact_and_order_free():
     sd = whole.state_dict()
     back = CrossStats.from_state_dict(sd)
     assert back.n == whole.n and torch.equal(back.sxy, whole.sxy)
+
+
+def test_from_data_in_chunks_equals_whole_and_maps_x_chunks():
+    X, Y = _data(n=1000, seed=3)
+    whole = CrossStats.empty(7, 5).update(X, Y)
+    assert CHUNK_ROWS == 16384
+    for chunk in (1, 7, 999, 1000, CHUNK_ROWS):
+        st = CrossStats.from_data(X, Y, chunk=chunk)
+        assert st.n == 1000 and st.sxy.device == X.device
+        torch.testing.assert_close(st.sxy, whole.sxy, atol=1e-9, rtol=0)
+        torch.testing.assert_close(st.x.s, whole.x.s, atol=1e-9, rtol=0)
+        torch.testing.assert_close(st.mean_y, whole.mean_y, atol=1e-12, rtol=0)
+    seen = []
+
+    def clip(x):
+        seen.append((x.dtype, x.shape[0]))
+        return x.clamp(max=11.0)
+
+    st = CrossStats.from_data(X.float(), Y, chunk=300, map_x=clip)
+    assert seen == [(torch.float64, 300)] * 3 + [(torch.float64, 100)]
+    ref = CrossStats.from_data(X.float().double().clamp(max=11.0), Y)
+    torch.testing.assert_close(st.x.s, ref.x.s, atol=1e-9, rtol=0)
+    torch.testing.assert_close(st.sxy, ref.sxy, atol=1e-9, rtol=0)
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        CrossStats.from_data(X, Y, chunk=0)
+    with pytest.raises(ValueError, match=r"Y must have shape \[n, d\]"):
+        CrossStats.from_data(X, Y[:, 0])
+    bad = X.clone()
+    bad[5, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"X contains 1 non-finite.*rows: \[5\]"):
+        CrossStats.from_data(bad, Y, chunk=4)
 
 
 def test_half_precision_input_accumulates_in_float64():

@@ -14,36 +14,34 @@ Everything is accumulated in float64, whatever dtype comes in (fp16 squared norm
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["CrossStats", "Moments", "StatsGrid", "check_finite"]
+from xlens_align.validate import check_finite, positive_int
+
+__all__ = ["CHUNK_ROWS", "CrossStats", "Moments", "StatsGrid"]
+
+CHUNK_ROWS = 16384
+"""Rows per chunk wherever whole tensors are reduced piecewise (statistics, predictions): it bounds
+the float64 copies (16384 x 4096 x 8 bytes = 512 MiB at Llama's width)."""
 
 
-def check_finite(x: Tensor, name: str) -> None:
-    """Raise ValueError naming `name` and the first bad rows if `x` holds inf or NaN."""
-    if not torch.is_floating_point(x):
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    bad = ~torch.isfinite(x)
-    if bad.any():
-        rows = torch.nonzero(bad.reshape(x.shape[0], -1).any(dim=1)).flatten()[:8].tolist() if x.ndim else []
-        raise ValueError(
-            f"{name} contains {int(bad.sum())} non-finite values (inf/NaN); first bad rows: {rows}. "
-            "Filter or clamp activations before accumulating."
-        )
-
-
-def _as_2d_f64(x: Tensor, name: str, device: torch.device | None = None) -> Float[Tensor, "n d"]:
+def _as_2d(x: Tensor, name: str) -> Float[Tensor, "n d"]:
+    """`x` must be a finite floating tensor [n, d] (n = 0 allowed: an empty batch adds nothing)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [n, d], got {type(x).__name__}")
     if x.ndim != 2:
         raise ValueError(f"{name} must have shape [n, d], got shape {tuple(x.shape)}")
     check_finite(x, name)
-    return x.to(device=device if device is not None else x.device, dtype=torch.float64)
+    return x
+
+
+def _as_2d_f64(x: Tensor, name: str, device: torch.device | None = None) -> Float[Tensor, "n d"]:
+    return _as_2d(x, name).to(device=device if device is not None else x.device, dtype=torch.float64)
 
 
 @dataclass
@@ -107,9 +105,8 @@ class CrossStats:
 
     @classmethod
     def empty(cls, d_x: int, d_y: int, device: torch.device | str = "cpu") -> CrossStats:
-        for name, d in (("d_x", d_x), ("d_y", d_y)):
-            if not isinstance(d, int) or d <= 0:
-                raise ValueError(f"{name} must be a positive int, got {d!r}")
+        positive_int(d_x, "d_x")
+        positive_int(d_y, "d_y")
         return cls(
             Moments.empty(d_x, device),
             Moments.empty(d_y, device),
@@ -124,9 +121,24 @@ class CrossStats:
         )
 
     @classmethod
-    def from_data(cls, X: Float[Tensor, "n dx"], Y: Float[Tensor, "n dy"]) -> CrossStats:
-        st = cls.empty(X.shape[-1], Y.shape[-1], device=X.device)
-        return st.update(X, Y)
+    def from_data(
+        cls,
+        X: Float[Tensor, "n dx"],
+        Y: Float[Tensor, "n dy"],
+        *,
+        chunk: int = CHUNK_ROWS,
+        map_x: Callable[[Tensor], Tensor] | None = None,
+    ) -> CrossStats:
+        """Statistics of (X, Y) on X's device, accumulated `chunk` rows at a time (so only one
+        chunk is ever copied to float64). `map_x`, if given, is applied to each float64 chunk of
+        X first (e.g. a map's winsorizing)."""
+        X, Y = _as_2d(X, "X"), _as_2d(Y, "Y")
+        chunk = positive_int(chunk, "chunk")
+        st = cls.empty(X.shape[1], Y.shape[1], device=X.device)
+        for i in range(0, X.shape[0], chunk):
+            x = X[i : i + chunk].to(torch.float64)
+            st.update(x if map_x is None else map_x(x), Y[i : i + chunk])
+        return st
 
     # -- accumulation -------------------------------------------------------------------------
     def update(self, X: Float[Tensor, "n dx"], Y: Float[Tensor, "n dy"]) -> CrossStats:

@@ -1,15 +1,18 @@
-"""Base class, registry and shared helpers of alignment maps.
+"""Base class, registry, scores and loading of alignment maps.
 
 Every map follows scikit-learn's estimator contract: the constructor stores hyper-parameters
-only (`get_params` reads them back from the constructor's signature), `fit(X, Y)` returns self,
-fitted state lives in attributes ending in ``_`` and `transform` / `score` use it.
+only (`get_params` reads them back from the constructor's signature, plus the names a mixin
+declares in ``extra_params``, e.g. the preprocessing keywords of `PreprocessingParams`),
+`fit(X, Y)` returns self, fitted state lives in attributes ending in ``_`` and `transform` /
+`score` use it.
 
 Subclasses implement `_fit(X, Y)` (raw tensors, already validated) and `_predict64(X)` (float64
 prediction, input already validated), and optionally `fit_stats(stats)` for maps with a closed
 form in the second moments. Saving is generic: tensor attributes ending in ``_`` become
 safetensors entries, JSON-able ones go into the metadata, `Preprocessor` and `nn.Module`
-attributes are flattened (a subclass with a module rebuilds it in `_build_module`).
-Register a new kind with ``@register("name")`` so `load` can rebuild it.
+attributes are flattened (a subclass with a module rebuilds it in `_build_module`); the file
+format itself is `maps.io`'s. Register a new kind with ``@register("name")`` so `load` can
+rebuild it.
 """
 
 from __future__ import annotations
@@ -26,16 +29,19 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from xlens_align.maps.preprocess import Preprocessor, column_quantiles, make_preprocessors
-from xlens_align.stats import CrossStats, check_finite
+from xlens_align.maps import io
+from xlens_align.maps.preprocess import Preprocessor
+from xlens_align.stats import CrossStats
+from xlens_align.validate import check_finite, check_pair
 
 __all__ = [
     "AlignmentMap",
     "NotFittedError",
+    "error_scores",
+    "load",
     "register",
     "registry",
     "regression_scores",
-    "split_indices",
 ]
 
 PROVENANCE_KEYS = (
@@ -83,58 +89,13 @@ def register(kind: str) -> Callable[[M], M]:
     return deco
 
 
-# -- input checks -------------------------------------------------------------------------------
-def check_matrix(x: Any, name: str) -> Tensor:
-    """`x` must be a finite floating [n, d] tensor; returns it unchanged."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [n, d], got {type(x).__name__}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must have shape [n, d], got shape {tuple(x.shape)}")
-    check_finite(x, name)
-    return x
-
-
-def check_pair(X: Any, Y: Any, min_rows: int = 2) -> tuple[Tensor, Tensor]:
-    """Validate a paired (X [n, d_A], Y [n, d_B]) sample."""
-    X, Y = check_matrix(X, "X"), check_matrix(Y, "Y")
-    if X.shape[0] != Y.shape[0]:
-        raise ValueError(
-            f"X and Y must have the same number of rows (paired samples), got {X.shape[0]} and {Y.shape[0]}"
-        )
-    if X.shape[0] < min_rows:
-        raise ValueError(f"need at least {min_rows} paired rows, got {X.shape[0]}")
-    if X.shape[1] == 0 or Y.shape[1] == 0:
-        raise ValueError(
-            f"X and Y need at least one column, got shapes {tuple(X.shape)} and {tuple(Y.shape)}"
-        )
-    return X, Y
-
-
-def split_indices(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Deterministic (train, validation) row indices: a seeded permutation, `fraction` held out."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"validation fraction must be in (0, 1), got {fraction!r}")
-    if n < 2:
-        raise ValueError(f"need at least 2 rows to hold some out, got {n}")
-    n_val = min(max(1, round(fraction * n)), n - 1)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-    return perm[n_val:].sort().values, perm[:n_val].sort().values
-
-
-def stats_of(X: Tensor, Y: Tensor, chunk: int = 16384) -> CrossStats:
-    """float64 `CrossStats` of (X, Y), accumulated in row chunks to bound the float64 copies."""
-    st = CrossStats.empty(X.shape[1], Y.shape[1], device=X.device)
-    for i in range(0, X.shape[0], chunk):
-        st.update(X[i : i + chunk], Y[i : i + chunk])
-    return st
-
-
-def regression_scores(Y_hat: Float[Tensor, "n d"], Y: Float[Tensor, "n d"]) -> dict[str, float]:
-    """Held-out scores of predictions (float64): r2, r2_mean, fvu, cosine, mse, n."""
-    Y_hat, Y = Y_hat.double(), Y.double()
-    resid = Y - Y_hat
-    sse_j = resid.square().sum(0)
-    sst_j = (Y - Y.mean(0)).square().sum(0)
+# -- scores: one definition for predictions and for moments --------------------------------------
+def error_scores(sse_j: Float[Tensor, " d"], sst_j: Float[Tensor, " d"], n: int) -> dict[str, float]:
+    """Scores from per-dimension squared errors ``sse_j = sum_i (y_ij - y_hat_ij)^2`` and total sums
+    of squares ``sst_j = sum_i (y_ij - mean_j)^2`` over `n` rows: ``r2`` (variance-weighted
+    1 - SSE/SST), ``r2_mean`` (per-dimension R^2 averaged over dimensions with variance), ``fvu``
+    (= 1 - r2), ``mse`` (per entry) and ``n``. `regression_scores` and `LinearMap.score_stats`
+    both end here."""
     sse, sst = float(sse_j.sum()), float(sst_j.sum())
     if sst <= 0:
         raise ValueError("Y has zero variance: R^2 is undefined")
@@ -143,10 +104,24 @@ def regression_scores(Y_hat: Float[Tensor, "n d"], Y: Float[Tensor, "n d"]) -> d
         "r2": 1.0 - sse / sst,
         "r2_mean": float((1.0 - sse_j[ok] / sst_j[ok]).mean()),
         "fvu": sse / sst,
-        "cosine": float(F.cosine_similarity(Y_hat, Y, dim=1, eps=1e-12).mean()),
-        "mse": sse / Y.numel(),
-        "n": int(Y.shape[0]),
+        "mse": sse / (n * sse_j.shape[0]),
+        "n": int(n),
     }
+
+
+def regression_scores(Y_hat: Float[Tensor, "n d"], Y: Float[Tensor, "n d"]) -> dict[str, float]:
+    """Held-out scores of predictions, in float64: `error_scores` plus ``cosine`` (mean row cosine
+    of prediction and target)."""
+    if Y_hat.shape != Y.shape or Y.ndim != 2:
+        raise ValueError(
+            f"Y_hat and Y must have the same shape [n, d], got {tuple(Y_hat.shape)} and {tuple(Y.shape)}"
+        )
+    Y_hat, Y = Y_hat.double(), Y.double().to(Y_hat.device)
+    sse_j = (Y - Y_hat).square().sum(0)
+    sst_j = (Y - Y.mean(0)).square().sum(0)
+    out = error_scores(sse_j, sst_j, Y.shape[0])
+    out["cosine"] = float(F.cosine_similarity(Y_hat, Y, dim=1, eps=1e-12).mean())
+    return out
 
 
 def _jsonable(value: Any, what: str) -> Any:
@@ -166,16 +141,24 @@ class AlignmentMap:
     """
 
     kind: ClassVar[str] = ""
+    extra_params: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    """Hyper-parameters taken through ``**kwargs`` (declared by a mixin): name -> default."""
 
     # -- hyper-parameters ---------------------------------------------------------------------
     @classmethod
-    def _param_names(cls) -> list[str]:
+    def _param_defaults(cls) -> dict[str, Any]:
+        """Every hyper-parameter -> its default (`inspect.Parameter.empty` when required)."""
         sig = inspect.signature(cls.__init__)
-        return [
-            p.name
+        out = {
+            p.name: p.default
             for p in sig.parameters.values()
             if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        ]
+        }
+        return {**out, **{k: v for k, v in cls.extra_params.items() if k not in out}}
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return list(cls._param_defaults())
 
     def get_params(self) -> dict[str, Any]:
         """Constructor hyper-parameters (scikit-learn style)."""
@@ -198,11 +181,7 @@ class AlignmentMap:
         return new
 
     def __repr__(self) -> str:
-        defaults = {
-            p.name: p.default
-            for p in inspect.signature(type(self).__init__).parameters.values()
-            if p.name != "self"
-        }
+        defaults = self._param_defaults()
         shown = []
         for k, v in self.get_params().items():
             d = defaults.get(k, inspect.Parameter.empty)
@@ -210,27 +189,18 @@ class AlignmentMap:
                 shown.append(f"{k}={v!r}")
         return f"{type(self).__name__}({', '.join(shown)})"
 
+    def _param_to_json(self, name: str, value: Any) -> Any:
+        """One hyper-parameter as JSON (tuples -> lists); subclasses handle non-JSON values."""
+        return _jsonable(list(value) if isinstance(value, tuple) else value, f"hyper-parameter {name!r}")
+
     def _params_json(self) -> dict[str, Any]:
-        """Hyper-parameters as JSON (tuples -> lists; clamp thresholds -> a marker, tensors saved)."""
-        out = {}
-        for k, v in self.get_params().items():
-            if k == "clamp" and isinstance(v, tuple | list):
-                v = {"thresholds": "stored as prep_x_.clamp_lo / prep_x_.clamp_hi"}
-            elif isinstance(v, tuple):
-                v = list(v)
-            out[k] = _jsonable(v, f"hyper-parameter {k!r}")
-        return out
+        """Hyper-parameters as JSON (see `_param_to_json`)."""
+        return {k: self._param_to_json(k, v) for k, v in self.get_params().items()}
 
     @classmethod
-    def _params_from_json(cls, params: dict[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Any]:
-        out = {}
-        for k, v in params.items():
-            if k == "clamp" and isinstance(v, dict):
-                v = (tensors["prep_x_.clamp_lo"], tensors["prep_x_.clamp_hi"])
-            elif isinstance(v, list):
-                v = tuple(v)
-            out[k] = v
-        return out
+    def _params_from_json(cls, params: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+        """Constructor keywords from saved JSON params (lists -> tuples)."""
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
 
     # -- provenance ---------------------------------------------------------------------------
     @property
@@ -255,11 +225,9 @@ class AlignmentMap:
         for side, model in (("a", a), ("b", b)):
             if model is None:
                 continue
-            missing = [attr for attr in ("model_id", "config_hash") if not hasattr(model, attr)]
-            if missing:
-                raise TypeError(f"{side} must have .model_id and .config_hash attributes; missing {missing}")
-            prov[f"model_id_{side}"] = _jsonable(model.model_id, f"{side}.model_id")
-            prov[f"config_hash_{side}"] = _jsonable(model.config_hash, f"{side}.config_hash")
+            model_id, config_hash = io.model_identity(model, side)
+            prov[f"model_id_{side}"] = _jsonable(model_id, f"{side}.model_id")
+            prov[f"config_hash_{side}"] = _jsonable(config_hash, f"{side}.config_hash")
         for k, v in info.items():
             prov[k] = _jsonable(v, f"provenance {k!r}")
         return self
@@ -280,37 +248,6 @@ class AlignmentMap:
             f"{type(self).__name__} has no closed form in the second moments; fit it with fit(X, Y)"
             + (" or fit_stream(...)" if hasattr(self, "fit_stream") else "")
         )
-
-    def _resolve_clamp(self, X: Tensor | None, d: int) -> tuple[Tensor, Tensor] | None:
-        """Clamp thresholds for the input side, from hyper-parameter `clamp` (None when off)."""
-        c = getattr(self, "clamp", None)
-        if c is None:
-            return None
-        if isinstance(c, tuple | list):
-            if len(c) != 2:
-                raise ValueError(f"clamp thresholds must be a pair (lo, hi), got {len(c)} items")
-            return c[0], c[1]
-        if isinstance(c, bool) or not isinstance(c, int | float) or not 0.5 < c < 1.0:
-            raise ValueError(
-                f"clamp must be None, a quantile in (0.5, 1) or a pair (lo, hi) of thresholds, got {c!r}"
-            )
-        if X is None:
-            raise ValueError(
-                f"clamp={c} clamps at per-dimension quantiles of the training rows, which streamed statistics "
-                "cannot provide: fit(X, Y) on tensors, or pass precomputed thresholds clamp=(lo, hi) and "
-                "accumulate the statistics on activations clamped with them"
-            )
-        return column_quantiles(X, 1.0 - c), column_quantiles(X, c)
-
-    def _preprocessors(
-        self, thresholds: tuple[Any, Any] | None, d_in: int
-    ) -> tuple[Preprocessor, Preprocessor]:
-        """Unfitted (input, target) preprocessors from the hyper-parameters ``center``,
-        ``standardize``, ``whiten``, ``whiten_eps`` and the resolved clamp `thresholds`."""
-        px, py = make_preprocessors(self.center, self.standardize, self.whiten, self.whiten_eps)
-        if thresholds is not None:
-            px.set_clamp(thresholds[0], thresholds[1], d_in)
-        return px, py
 
     # -- using a fitted map -------------------------------------------------------------------
     @property
@@ -346,15 +283,14 @@ class AlignmentMap:
         raise NotImplementedError
 
     def score(self, X: Float[Tensor, "n d_in"], Y: Float[Tensor, "n d_out"]) -> dict[str, float]:
-        """Held-out fit quality: ``r2`` (variance-weighted 1 - SSE/SST), ``r2_mean`` (per-dim
-        average), ``fvu`` (= 1 - r2), ``cosine`` (mean row cosine of prediction and target),
-        ``mse`` and ``n``; computed in float64."""
+        """Held-out fit quality in float64 (`regression_scores`): ``r2``, ``r2_mean``, ``fvu``,
+        ``mse``, ``n`` (`error_scores`) and ``cosine``."""
         self._check_fitted()
         X, Y = check_pair(X, Y)
         X = self._check_input(X)
         if Y.shape[1] != self.d_out_:
             raise ValueError(f"Y must have d_out={self.d_out_} columns, got shape {tuple(Y.shape)}")
-        return regression_scores(self._predict64(X), Y.to(X.device))
+        return regression_scores(self._predict64(X), Y)
 
     def to(self, device: torch.device | str) -> AlignmentMap:
         """Move fitted tensors to `device` (do this once before using the map in a hook)."""
@@ -367,10 +303,22 @@ class AlignmentMap:
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write one safetensors file (tensors + JSON metadata); see `xlens_align.maps.io`."""
-        from xlens_align.maps.io import save_map
-
-        return save_map(self, path)
+        """Write one safetensors file (tensors + JSON metadata, atomically); see `xlens_align.maps.io`."""
+        if not self.is_fitted:
+            raise NotFittedError(f"cannot save an unfitted {type(self).__name__}: call fit first")
+        if not self.kind or registry.get(self.kind) is not type(self):
+            raise ValueError(
+                f"{type(self).__name__} is not a registered map kind; decorate it with @register('name')"
+            )
+        tensors, scalars = self._state()
+        return io.write_map_file(
+            path,
+            kind=self.kind,
+            params=self._params_json(),
+            state=scalars,
+            provenance=self.provenance,
+            tensors=tensors,
+        )
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Fitted state: (tensors by name, JSON values by name)."""
@@ -402,11 +350,8 @@ class AlignmentMap:
                 setattr(self, head, t)
         for k, v in scalars.items():
             if isinstance(v, dict) and "__preprocessor__" in v:
-                setattr(self, k, Preprocessor.from_state(groups.pop(k, {}), v["__preprocessor__"]))
-            elif isinstance(v, dict) and "__module__" in v:
-                setattr(self, k, v)  # placeholder until built below
-            else:
-                setattr(self, k, v)
+                v = Preprocessor.from_state(groups.pop(k, {}), v["__preprocessor__"])
+            setattr(self, k, v)  # a module's entry is a placeholder until it is built below
         for k, v in scalars.items():
             if isinstance(v, dict) and "__module__" in v:
                 module = self._build_module(k)
@@ -418,3 +363,34 @@ class AlignmentMap:
 
     def _build_module(self, name: str) -> nn.Module:
         raise ValueError(f"{type(self).__name__} cannot rebuild module attribute {name!r}")
+
+
+def load(
+    path: str | Path,
+    a: Any = None,
+    b: Any = None,
+    device: str | torch.device = "cpu",
+) -> AlignmentMap:
+    """Rebuild a saved map. With `a` / `b` (objects with ``.model_id`` and ``.config_hash``),
+    refuse a file whose recorded source / target model differs."""
+    path = Path(path)
+    meta = io.read_metadata(path)
+    kind = meta["kind"]
+    cls = registry.get(kind)
+    if cls is None:
+        raise ValueError(f"{path} holds a map of unknown kind {kind!r}; known kinds: {sorted(registry)}")
+    prov = meta["provenance"]
+    io.check_model(path, prov, "a", a)
+    io.check_model(path, prov, "b", b)
+    tensors = io.read_tensors(path, device)
+    try:
+        m = cls(**cls._params_from_json(meta["params"], tensors))
+        m._load_state(tensors, meta["state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(
+            f"{path}: cannot rebuild the {kind!r} map from its contents ({type(e).__name__}: {e})"
+        ) from e
+    m._provenance = dict(prov)
+    if not m.is_fitted:
+        raise ValueError(f"{path}: the stored {kind!r} map lacks its fitted state")
+    return m

@@ -9,14 +9,17 @@ control that a map into B's middle layers should beat in next-token loss recover
 Its provenance target is always ``"embed"``, so effects code that patches a map at its
 provenance target measures it beside the other maps.
 
->>> inj = EmbeddingInjection("affine", {"alpha": "cv"}).fit_pair(pair, "resid_post.10", texts)
+It is an estimator like the others (`fit(X, Y)`, `fit_stats`); collecting X and Y from a
+`ModelPair` is the pipelines' work (`xlens_align.fitting`).
+
+>>> inj = EmbeddingInjection("affine", {"alpha": "cv"}).fit(X, Y_embed).bind(source="resid_post.10")
 >>> inj.provenance["target"]
 'embed'
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from xlens_align.maps.base import AlignmentMap, _jsonable, register, registry
+from xlens_align.maps.preprocess import rename_legacy_params
 from xlens_align.stats import CrossStats
 
 __all__ = ["EMBED", "EmbeddingInjection"]
@@ -120,39 +124,6 @@ class EmbeddingInjection(AlignmentMap):
         self._set_from(m)
         return self
 
-    def fit_pair(
-        self,
-        pair: Any,
-        source: str,
-        texts: Sequence[str],
-        val_texts: Sequence[str] | None = None,
-        **collect_kw: Any,
-    ) -> EmbeddingInjection:
-        """Fit from `pair` on `texts`: X = A's `source`, Y = B's ``"embed"``; binds provenance.
-
-        Closed-form bases stream statistics (`activations.accumulate`; ``alpha="cv"`` uses
-        `val_texts`, or a held-out share of `texts`); an MLP base trains on the collected rows.
-        `collect_kw` go to `activations.collect` (``drop_first``, ``batch_size``, ...).
-        """
-        from xlens_align.activations import collect
-        from xlens_align.maps.grid import GRID_KINDS, fit_grid, provenance
-
-        collect_kw.setdefault("progress", False)
-        base = self.make_base()
-        if base.kind in GRID_KINDS:
-            m = fit_grid(pair, texts, [source], [EMBED], kind=base, val_texts=val_texts, **collect_kw)[
-                source, EMBED
-            ]
-        else:
-            xs, ys = [], []
-            for pb in collect(pair, texts, [source], [EMBED], **collect_kw):
-                xs.append(pb.a[source])
-                ys.append(pb.b[EMBED])
-            m = base.fit(torch.cat(xs), torch.cat(ys))
-        self._set_from(m)
-        self.bind(a=pair.a, b=pair.b, **provenance(pair, source, EMBED, **collect_kw))
-        return self
-
     # -- use ----------------------------------------------------------------------------------
     def _predict64(self, X: Float[Tensor, "n d_in"]) -> Float[Tensor, "n d_out"]:
         return self.base_map_._predict64(X).to(torch.float64)
@@ -170,6 +141,13 @@ class EmbeddingInjection(AlignmentMap):
             "base": self._base_kind(),
             "base_params": _jsonable(dict(self.base_params or {}), "base_params"),
         }
+
+    @classmethod
+    def _params_from_json(cls, params: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+        out = super()._params_from_json(params, tensors)
+        if isinstance(out.get("base_params"), dict):
+            out["base_params"] = rename_legacy_params(out["base_params"])
+        return out
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         self._check_fitted()

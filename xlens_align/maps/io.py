@@ -13,6 +13,12 @@ fitted tensors (names as the attributes: ``weight_``, ``bias_``, ``prep_x_.offse
 
 Reading goes through `safetensors` only (`safe_open`), after sniffing the header, so a pickle
 or zip checkpoint is refused before anything is deserialised.
+
+Files written before the ``clamp`` -> ``winsorize`` rename (hyper-parameter ``clamp``, tensors
+``prep_x_.clamp_lo`` / ``clamp_hi``) load unchanged: the map classes translate the old names.
+
+This module knows the file format only, not the map classes: `AlignmentMap.save` and
+`xlens_align.maps.load` (in `maps.base`) call it, never the other way round.
 """
 
 from __future__ import annotations
@@ -20,83 +26,88 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import Tensor
 
-from xlens_align.maps.base import AlignmentMap, NotFittedError, registry
+from xlens_align.files import atomic_path
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "load", "read_metadata", "save_map"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "check_model",
+    "model_identity",
+    "read_metadata",
+    "read_tensors",
+    "write_map_file",
+]
 
 FORMAT = "xlens_align.alignment_map"
 FORMAT_VERSION = 1
 _MAX_HEADER = 100_000_000
 
 
-def save_map(m: AlignmentMap, path: str | os.PathLike[str]) -> Path:
-    """Write fitted map `m` to `path` (atomically: a temporary file renamed into place)."""
-    if not isinstance(m, AlignmentMap):
-        raise TypeError(f"expected an AlignmentMap, got {type(m).__name__}")
-    if not m.is_fitted:
-        raise NotFittedError(f"cannot save an unfitted {type(m).__name__}: call fit first")
-    if not m.kind or registry.get(m.kind) is not type(m):
-        raise ValueError(
-            f"{type(m).__name__} is not a registered map kind; decorate it with @register('name')"
-        )
+def write_map_file(
+    path: str | os.PathLike[str],
+    *,
+    kind: str,
+    params: Mapping[str, Any],
+    state: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    tensors: Mapping[str, Tensor],
+) -> Path:
+    """Write one map file (see the module docstring) atomically through `files.atomic_path`."""
     from xlens_align import __version__
 
-    tensors, scalars = m._state()
     meta = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "kind": m.kind,
+        "kind": kind,
         "library_version": __version__,
-        "params": json.dumps(m._params_json()),
-        "state": json.dumps(scalars),
-        "provenance": json.dumps(m.provenance),
+        "params": json.dumps(params),
+        "state": json.dumps(state),
+        "provenance": json.dumps(provenance),
     }
     out = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        save_file(out, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata=meta)
     return path
 
 
 def _sniff(path: Path) -> None:
-    """Refuse anything that does not start like a safetensors file, without deserialising it."""
+    """Refuse anything that does not start like a safetensors file, without deserialising it.
+
+    A safetensors file starts with its JSON header's length (8 bytes, little-endian) and the
+    header itself; that is checked first, since a valid length may well start with byte 0x80,
+    the mark of a pickle.
+    """
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
-        if head[:4] == b"PK\x03\x04":
-            raise ValueError(
-                f"{path} is a zip archive (e.g. a torch.save checkpoint with a pickled data.pkl), "
-                "not a safetensors map file; refusing to unpickle it"
-            )
-        if head[:1] == b"\x80":
-            raise ValueError(
-                f"{path} is a Python pickle, not a safetensors map file; refusing to unpickle it"
-            )
-        if len(head) < 8:
-            raise ValueError(f"{path} is not a safetensors map file: only {size} bytes")
-        (n,) = struct.unpack("<Q", head)
-        if n == 0 or n > _MAX_HEADER or n > size - 8:
-            raise ValueError(
-                f"{path} is not a safetensors map file, or it is truncated: header length {n} "
-                f"does not fit in the file's {size} bytes"
-            )
-        header = f.read(n)
-    if not header.lstrip().startswith(b"{"):
-        raise ValueError(f"{path} is not a safetensors map file (its header is not JSON)")
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        if 0 < n <= min(_MAX_HEADER, size - 8) and f.read(n).lstrip().startswith(b"{"):
+            return
+    if head[:4] == b"PK\x03\x04":
+        raise ValueError(
+            f"{path} is a zip archive (e.g. a torch.save checkpoint with a pickled data.pkl), "
+            "not a safetensors map file; refusing to unpickle it"
+        )
+    if head[:1] == b"\x80":
+        raise ValueError(f"{path} is a Python pickle, not a safetensors map file; refusing to unpickle it")
+    if len(head) < 8:
+        raise ValueError(f"{path} is not a safetensors map file: only {size} bytes")
+    if n == 0 or n > _MAX_HEADER or n > size - 8:
+        raise ValueError(
+            f"{path} is not a safetensors map file, or it is truncated: header length {n} "
+            f"does not fit in the file's {size} bytes"
+        )
+    raise ValueError(f"{path} is not a safetensors map file (its header is not JSON)")
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -137,56 +148,37 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def _check_side(path: Path, prov: dict[str, Any], side: str, model: Any) -> None:
-    if model is None:
-        return
+def read_tensors(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """All tensors of a map file (whose metadata `read_metadata` has already checked)."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as e:
+        raise ValueError(f"{path} is a corrupted or truncated safetensors file: {e}") from None
+
+
+def model_identity(model: Any, side: str) -> tuple[Any, Any]:
+    """``(model.model_id, model.config_hash)``; TypeError naming `side` when either is missing."""
     missing = [a for a in ("model_id", "config_hash") if not hasattr(model, a)]
     if missing:
         raise TypeError(f"{side} must have .model_id and .config_hash attributes; missing {missing}")
-    want_id, want_hash = prov.get(f"model_id_{side}"), prov.get(f"config_hash_{side}")
+    return model.model_id, model.config_hash
+
+
+def check_model(path: Path, provenance: Mapping[str, Any], side: str, model: Any) -> None:
+    """Refuse `model` (A for side ``"a"``, B for ``"b"``) if the file records another one."""
+    if model is None:
+        return
+    model_id, config_hash = model_identity(model, side)
+    want_id, want_hash = provenance.get(f"model_id_{side}"), provenance.get(f"config_hash_{side}")
     label = side.upper()
     if want_id is None and want_hash is None:
         raise ValueError(
             f"{path} records no model {label} (model_id_{side}/config_hash_{side} missing from its provenance), "
-            f"so it cannot be checked against {side}={model.model_id!r}; load it without {side}= to skip the check"
+            f"so it cannot be checked against {side}={model_id!r}; load it without {side}= to skip the check"
         )
-    if want_id != model.model_id or want_hash != model.config_hash:
+    if want_id != model_id or want_hash != config_hash:
         raise ValueError(
             f"{path} was fit for model {label} model_id={want_id!r} config_hash={want_hash!r}, but {side} has "
-            f"model_id={model.model_id!r} config_hash={model.config_hash!r}"
+            f"model_id={model_id!r} config_hash={config_hash!r}"
         )
-
-
-def load(
-    path: str | os.PathLike[str],
-    a: Any = None,
-    b: Any = None,
-    device: str | torch.device = "cpu",
-) -> AlignmentMap:
-    """Rebuild a saved map. With `a` / `b` (objects with ``.model_id`` and ``.config_hash``),
-    refuse a file whose recorded source / target model differs."""
-    path = Path(path)
-    meta = read_metadata(path)
-    kind = meta["kind"]
-    cls = registry.get(kind)
-    if cls is None:
-        raise ValueError(f"{path} holds a map of unknown kind {kind!r}; known kinds: {sorted(registry)}")
-    prov = meta["provenance"]
-    _check_side(path, prov, "a", a)
-    _check_side(path, prov, "b", b)
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    except Exception as e:
-        raise ValueError(f"{path} is a corrupted or truncated safetensors file: {e}") from None
-    try:
-        m = cls(**cls._params_from_json(meta["params"], tensors))
-        m._load_state(tensors, meta["state"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(
-            f"{path}: cannot rebuild the {kind!r} map from its contents ({type(e).__name__}: {e})"
-        ) from e
-    m._provenance = dict(prov)
-    if not m.is_fitted:
-        raise ValueError(f"{path}: the stored {kind!r} map lacks its fitted state")
-    return m

@@ -4,116 +4,53 @@ All four are solved in float64 from second moments, so `fit(X, Y)` and
 `fit_stats(CrossStats)` run the same code (`fit` just accumulates the statistics of its
 tensors first) and nothing needs all activations in memory.
 
-Notation. The preprocessors (`preprocess.py`) send x to ``x' = (clamp(x) - o_x) D_x`` and y to
+Notation. The preprocessors (`preprocess.py`) send x to ``x' = (wins(x) - o_x) D_x`` and y to
 ``y' = (y - o_y) D_y``; `o` is the mean when centring (default), else 0. Every kind solves for
 a matrix ``C`` (``coef_``) with ``y' ~ x' C``, using only the moments of the preprocessed data
 about the offsets: ``S_xx = X'^T X'``, ``S_xy = X'^T Y'``, ``S_yy = Y'^T Y'`` over n rows. The
 map in raw coordinates is then
 
-    Y_hat = clamp(X) @ weight_ + bias_,  weight_ = D_x C D_y^{-1},  bias_ = o_y - o_x weight_.
+    Y_hat = wins(X) @ weight_ + bias_,  weight_ = D_x C D_y^{-1},  bias_ = o_y - o_x weight_.
+
+(``wins`` = the optional per-dimension winsorizing of the input, hyper-parameter ``winsorize``.)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from xlens_align.maps.base import AlignmentMap, register, split_indices, stats_of
-from xlens_align.maps.preprocess import Preprocessor, make_preprocessors
+from xlens_align.files import split_indices
+from xlens_align.maps.base import AlignmentMap, error_scores, register
+from xlens_align.maps.preprocess import Preprocessing, PreprocessingParams, Preprocessor
+from xlens_align.maps.solve import EPS, Prepared, inv_sqrt, prepare, ridge_coef
 from xlens_align.stats import CrossStats
+from xlens_align.validate import nonneg_float, positive_int
 
-__all__ = ["CCA", "LinearMap", "Affine", "LowRank", "Procrustes", "ridge_coef"]
-
-_EPS = torch.finfo(torch.float64).eps
-
-
-@dataclass
-class Prepared:
-    """Second moments of preprocessed data about the preprocessing offsets (see module doc)."""
-
-    n: int
-    sxx: Float[Tensor, "dx dx"]
-    syy: Float[Tensor, "dy dy"]
-    sxy: Float[Tensor, "dx dy"]
+__all__ = ["CCA", "LinearMap", "Affine", "LowRank", "Procrustes"]
 
 
-def prepare(stats: CrossStats, px: Preprocessor, py: Preprocessor) -> Prepared:
-    """Moments of ``x' = (x - o_x) D_x``, ``y' = (y - o_y) D_y`` from centred `stats` (exact)."""
-    n = stats.n
-    dx = stats.mean_x - px.offset
-    dy = stats.mean_y - py.offset
-    sxx = stats.x.s + n * torch.outer(dx, dx)
-    syy = stats.y.s + n * torch.outer(dy, dy)
-    sxy = stats.sxy + n * torch.outer(dx, dy)
-    sxx = px.mul_left(px.mul_left(sxx).T)
-    syy = py.mul_left(py.mul_left(syy).T)
-    sxy = px.mul_left(py.mul_left(sxy.T).T)
-    return Prepared(n, 0.5 * (sxx + sxx.T), 0.5 * (syy + syy.T), sxy)
-
-
-def _pinv_solve(a: Tensor, b: Tensor) -> Tensor:
-    lam, q = torch.linalg.eigh(a)
-    tol = max(float(lam.max()), 0.0) * a.shape[0] * _EPS
-    inv = torch.where(lam > tol, 1.0 / lam, torch.zeros_like(lam))
-    return q @ (inv[:, None] * (q.T @ b))
-
-
-def ridge_coef(sxx: Tensor, sxy: Tensor, n: int, alpha: float) -> Tensor:
-    """``(S_xx + n alpha I)^{-1} S_xy``: minimiser of mean ||y' - x'C||^2 + alpha ||C||_F^2.
-
-    Cholesky when well conditioned, else a pseudo-inverse through an eigendecomposition
-    (minimum-norm least squares when S_xx is singular and alpha = 0).
-    """
-    a = sxx + (n * alpha) * torch.eye(sxx.shape[0], dtype=sxx.dtype, device=sxx.device)
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        diag = chol.diagonal().square()
-        if float(diag.min()) > float(a.diagonal().max()) * a.shape[0] * 1e3 * _EPS:
-            return torch.cholesky_solve(sxy, chol)
-    return _pinv_solve(a, sxy)
-
-
-def _inv_sqrt(c: Tensor) -> tuple[Tensor, Tensor]:
-    """(C^{-1/2}, C^{1/2}) of a symmetric PSD matrix; null directions get 0 in the inverse."""
-    lam, q = torch.linalg.eigh(c)
-    tol = max(float(lam.max()), 0.0) * c.shape[0] * _EPS
-    lam = lam.clamp_min(0)
-    inv = torch.where(lam > tol, lam.rsqrt(), torch.zeros_like(lam))
-    return (q * inv) @ q.T, (q * lam.sqrt()) @ q.T
-
-
-class LinearMap(AlignmentMap):
-    """Base of the closed-form maps: ``Y_hat = clamp(X) @ weight_ + bias_``.
+class LinearMap(PreprocessingParams, AlignmentMap):
+    """Base of the closed-form maps: ``Y_hat = wins(X) @ weight_ + bias_``.
 
     Fitted: ``coef_`` (preprocessed coordinates), ``weight_`` [d_in, d_out] and ``bias_`` [d_out]
     (raw coordinates, float64), ``prep_x_`` / ``prep_y_`` (`Preprocessor`), ``n_samples_``,
     ``d_in_``, ``d_out_``.
 
-    Preprocessing hyper-parameters (shared by every kind): ``center`` (subtract means; off: no
-    intercept), ``standardize`` / ``whiten`` (True/'both', 'x', 'y' or False; whitening is ZCA
-    with ``whiten_eps`` relative to the mean variance), ``clamp`` (input side: a quantile q in
-    (0.5, 1) clamps each dimension of X to its [1-q, q] training quantiles; or precomputed
-    ``(lo, hi)`` thresholds, the only form usable with `fit_stats`, whose statistics must then
-    come from activations clamped the same way).
+    Preprocessing hyper-parameters (every kind; see `PreprocessingParams`): ``center``,
+    ``standardize``, ``whiten``, ``whiten_eps``, ``winsorize`` (with `fit_stats` only as
+    precomputed ``(lo, hi)`` thresholds, the statistics coming from activations winsorized the
+    same way).
     """
 
     # -- fitting ------------------------------------------------------------------------------
-    def _clamped_stats(self, X: Tensor, Y: Tensor, px: Preprocessor) -> CrossStats:
-        if px.clamp_lo is None:
-            return stats_of(X, Y)
-        st = CrossStats.empty(X.shape[1], Y.shape[1], device=X.device)
-        for i in range(0, X.shape[0], 16384):
-            st.update(px.clamp(X[i : i + 16384].double()), Y[i : i + 16384])
-        return st
-
     def _fit(self, X: Tensor, Y: Tensor) -> None:
         self._check_params(X.shape[1], Y.shape[1])
-        px, py = self._preprocessors(self._resolve_clamp(X, X.shape[1]), X.shape[1])
-        self._fit_from(self._clamped_stats(X, Y, px), px, py)
+        px, py = self._preprocessors(X, X.shape[1])
+        self._fit_from(CrossStats.from_data(X, Y, map_x=px.winsorize), px, py)
 
     def fit_stats(self, stats: CrossStats, val_stats: CrossStats | None = None) -> LinearMap:
         """Fit from streamed float64 statistics (e.g. ``StatsGrid[pa, pb]``); returns self."""
@@ -123,7 +60,7 @@ class LinearMap(AlignmentMap):
                 f"val_stats is only used by Affine(alpha='cv'); {type(self).__name__} does not take it"
             )
         self._check_params(stats.d_x, stats.d_y)
-        px, py = self._preprocessors(self._resolve_clamp(None, stats.d_x), stats.d_x)
+        px, py = self._preprocessors(None, stats.d_x)
         self._fit_from(stats, px, py)
         return self
 
@@ -152,12 +89,13 @@ class LinearMap(AlignmentMap):
 
     # -- use ----------------------------------------------------------------------------------
     def _predict64(self, X: Float[Tensor, "n d_in"]) -> Float[Tensor, "n d_out"]:
-        Xd = self.prep_x_.clamp(X.to(torch.float64))
+        Xd = self.prep_x_.winsorize(X.to(torch.float64))
         return torch.addmm(self.bias_.to(Xd.device), Xd, self.weight_.to(Xd.device))
 
     def score_stats(self, stats: CrossStats) -> dict[str, float]:
-        """Exact ``r2``, ``r2_mean``, ``fvu``, ``mse``, ``n`` on held-out data from its moments alone
-        (no cosine: it is not a function of the moments). Clamping must already be in `stats`."""
+        """Exact ``r2``, ``r2_mean``, ``fvu``, ``mse``, ``n`` on held-out data from its moments alone,
+        with `score`'s definitions (`error_scores`; no cosine: it is not a function of the
+        moments). Winsorizing must already be in `stats`."""
         self._check_fitted()
         _check_stats(stats, "stats")
         if stats.shape != (self.d_in_, self.d_out_):
@@ -166,20 +104,11 @@ class LinearMap(AlignmentMap):
         W, b = self.weight_.to(dev), self.bias_.to(dev)
         mr = stats.mean_y - stats.mean_x @ W - b
         sst_j = stats.y.s.diagonal()
+        # sum_i ||y_i - x_i W - b||^2 per column, from the centred moments about the means
         sse_j = (
             sst_j - 2 * (W * stats.sxy).sum(0) + ((stats.x.s @ W) * W).sum(0) + stats.n * mr.square()
         ).clamp_min(0)
-        sse, sst = float(sse_j.sum()), float(sst_j.sum())
-        if sst <= 0:
-            raise ValueError("Y has zero variance: R^2 is undefined")
-        ok = sst_j > 0
-        return {
-            "r2": 1 - sse / sst,
-            "r2_mean": float((1 - sse_j[ok] / sst_j[ok]).mean()),
-            "fvu": sse / sst,
-            "mse": sse / (stats.n * self.d_out_),
-            "n": stats.n,
-        }
+        return error_scores(sse_j, sst_j, stats.n)
 
 
 def _check_stats(stats: Any, name: str) -> None:
@@ -189,22 +118,10 @@ def _check_stats(stats: Any, name: str) -> None:
         raise ValueError(f"{name} hold {stats.n} rows; fitting needs at least 2")
 
 
-def _copy_stats(st: CrossStats) -> CrossStats:
-    return CrossStats.from_state_dict({k: v.clone() for k, v in st.state_dict().items()})
-
-
-def _positive_int(value: Any, name: str, upper: int, upper_name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if value > upper:
+def _bounded_int(value: Any, name: str, upper: int, upper_name: str) -> int:
+    if positive_int(value, name) > upper:
         raise ValueError(f"{name}={value} exceeds {upper_name}={upper}")
     return value
-
-
-def _nonneg_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ValueError(f"{name} must be a float >= 0, got {value!r}")
-    return float(value)
 
 
 @register("procrustes")
@@ -220,19 +137,10 @@ class Procrustes(LinearMap):
     def __init__(
         self,
         scale: bool = False,
-        *,
-        center: bool = True,
-        standardize: bool | str = False,
-        whiten: bool | str = False,
-        whiten_eps: float = 1e-6,
-        clamp: float | tuple[Any, Any] | None = None,
+        **preprocessing: Unpack[Preprocessing],
     ) -> None:
         self.scale = scale
-        self.center = center
-        self.standardize = standardize
-        self.whiten = whiten
-        self.whiten_eps = whiten_eps
-        self.clamp = clamp
+        self._set_preprocessing(preprocessing)
 
     def _solve(self, p: Prepared) -> Tensor:
         u, s, vh = torch.linalg.svd(p.sxy, full_matrices=False)
@@ -254,7 +162,7 @@ class Affine(LinearMap):
     (0 = ordinary least squares, minimum-norm when under-determined). ``alpha="cv"`` picks it from
     `alphas` (default: ``mean variance of x' * 10**linspace(-6, 3, 19)``) by the validation squared
     error in the preprocessed target space: with tensors on a seeded split holding out
-    `cv_fraction` of the rows (`split_indices(n, cv_fraction, seed)`), with statistics from
+    `cv_fraction` of the rows (`xlens_align.files.split_indices(n, cv_fraction, seed)`), with statistics from
     ``fit_stats(train_stats, val_stats=...)`` exactly from the validation moments. One
     eigendecomposition of S_xx serves the whole grid. With ``refit=True`` the final map is refit on
     train + validation at the chosen alpha. Fitted: ``alpha_``; with cv also ``cv_alphas_`` and
@@ -269,22 +177,14 @@ class Affine(LinearMap):
         cv_fraction: float = 0.2,
         seed: int = 0,
         refit: bool = True,
-        center: bool = True,
-        standardize: bool | str = False,
-        whiten: bool | str = False,
-        whiten_eps: float = 1e-6,
-        clamp: float | tuple[Any, Any] | None = None,
+        **preprocessing: Unpack[Preprocessing],
     ) -> None:
         self.alpha = alpha
         self.alphas = alphas
         self.cv_fraction = cv_fraction
         self.seed = seed
         self.refit = refit
-        self.center = center
-        self.standardize = standardize
-        self.whiten = whiten
-        self.whiten_eps = whiten_eps
-        self.clamp = clamp
+        self._set_preprocessing(preprocessing)
 
     @property
     def _cv(self) -> bool:
@@ -298,20 +198,25 @@ class Affine(LinearMap):
                 if len(self.alphas) == 0:
                     raise ValueError("alphas must hold at least one value")
                 for a in self.alphas:
-                    _nonneg_float(a, "each of alphas")
+                    nonneg_float(a, "each of alphas")
         else:
-            _nonneg_float(self.alpha, "alpha")
+            nonneg_float(self.alpha, "alpha")
 
     def _fit(self, X: Tensor, Y: Tensor) -> None:
         if not self._cv:
             super()._fit(X, Y)
             return
         self._check_params(X.shape[1], Y.shape[1])
-        px, py = self._preprocessors(self._resolve_clamp(X, X.shape[1]), X.shape[1])
-        tr, va = split_indices(X.shape[0], self.cv_fraction, self.seed)
-        train = self._clamped_stats(X[tr], Y[tr], px)
-        val = self._clamped_stats(X[va], Y[va], px)
-        self._fit_cv(train, val, px)
+        if isinstance(self.cv_fraction, bool) or not (
+            isinstance(self.cv_fraction, float) and 0.0 < self.cv_fraction < 1.0
+        ):
+            raise ValueError(f"cv_fraction must be a fraction in (0, 1), got {self.cv_fraction!r}")
+        px, py = self._preprocessors(X, X.shape[1])
+        tr, va = split_indices(X.shape[0], self.cv_fraction, self.seed, name="cv_fraction")
+        tr, va = tr.to(X.device), va.to(X.device)
+        train = CrossStats.from_data(X[tr], Y[tr], map_x=px.winsorize)
+        val = CrossStats.from_data(X[va], Y[va], map_x=px.winsorize)
+        self._fit_cv(train, val, px, py)
 
     def fit_stats(self, stats: CrossStats, val_stats: CrossStats | None = None) -> Affine:
         """Fit from statistics; with ``alpha="cv"`` `val_stats` (held-out rows) is required."""
@@ -327,12 +232,11 @@ class Affine(LinearMap):
         if val_stats.shape != stats.shape:
             raise ValueError(f"val_stats have shape {val_stats.shape}, stats {stats.shape}")
         self._check_params(stats.d_x, stats.d_y)
-        px, _ = self._preprocessors(self._resolve_clamp(None, stats.d_x), stats.d_x)
-        self._fit_cv(stats, val_stats, px)
+        px, py = self._preprocessors(None, stats.d_x)
+        self._fit_cv(stats, val_stats, px, py)
         return self
 
-    def _fit_cv(self, train: CrossStats, val: CrossStats, px: Preprocessor) -> None:
-        _, py = make_preprocessors(self.center, self.standardize, self.whiten, self.whiten_eps)
+    def _fit_cv(self, train: CrossStats, val: CrossStats, px: Preprocessor, py: Preprocessor) -> None:
         px.fit_moments(train.x)
         py.fit_moments(train.y)
         p, v = prepare(train, px, py), prepare(val, px, py)
@@ -342,7 +246,7 @@ class Affine(LinearMap):
         quad = (q.T @ v.sxx @ q) * (g @ g.T)
         h = ((q.T @ v.sxy) * g).sum(1)
         const = float(v.syy.trace())
-        tol = max(float(lam.max()), 0.0) * lam.shape[0] * _EPS
+        tol = max(float(lam.max()), 0.0) * lam.shape[0] * EPS
         if self.alphas is None:
             mean_var = float(p.sxx.trace()) / (p.n * p.sxx.shape[0])
             grid = [(mean_var if mean_var > 0 else 1.0) * 10.0**e for e in torch.linspace(-6, 3, 19).tolist()]
@@ -358,12 +262,8 @@ class Affine(LinearMap):
         self.alpha_ = grid[best]
         self.cv_alphas_ = grid
         self.cv_mse_ = mses
-        if self.refit:
-            merged = _copy_stats(train).merge_(val)
-            px2, py2 = self._preprocessors(
-                None if px.clamp_lo is None else (px.clamp_lo, px.clamp_hi), train.d_x
-            )
-            self._fit_from(merged, px2, py2)
+        if self.refit:  # refits the preprocessors' moments on train + validation too
+            self._fit_from(train.copy().merge_(val), px, py)
         else:
             self._set_linear(ridge_coef(p.sxx, p.sxy, p.n, self.alpha_), px, py, train.n)
 
@@ -388,24 +288,15 @@ class LowRank(LinearMap):
         self,
         rank: int,
         alpha: float = 0.0,
-        *,
-        center: bool = True,
-        standardize: bool | str = False,
-        whiten: bool | str = False,
-        whiten_eps: float = 1e-6,
-        clamp: float | tuple[Any, Any] | None = None,
+        **preprocessing: Unpack[Preprocessing],
     ) -> None:
         self.rank = rank
         self.alpha = alpha
-        self.center = center
-        self.standardize = standardize
-        self.whiten = whiten
-        self.whiten_eps = whiten_eps
-        self.clamp = clamp
+        self._set_preprocessing(preprocessing)
 
     def _check_params(self, d_in: int, d_out: int) -> None:
-        _positive_int(self.rank, "rank", min(d_in, d_out), "min(d_in, d_out)")
-        _nonneg_float(self.alpha, "alpha")
+        _bounded_int(self.rank, "rank", min(d_in, d_out), "min(d_in, d_out)")
+        nonneg_float(self.alpha, "alpha")
 
     def _solve(self, p: Prepared) -> Tensor:
         self.alpha_ = float(self.alpha)
@@ -440,24 +331,15 @@ class CCA(LinearMap):
         self,
         k: int,
         reg: float = 1e-6,
-        *,
-        center: bool = True,
-        standardize: bool | str = False,
-        whiten: bool | str = False,
-        whiten_eps: float = 1e-6,
-        clamp: float | tuple[Any, Any] | None = None,
+        **preprocessing: Unpack[Preprocessing],
     ) -> None:
         self.k = k
         self.reg = reg
-        self.center = center
-        self.standardize = standardize
-        self.whiten = whiten
-        self.whiten_eps = whiten_eps
-        self.clamp = clamp
+        self._set_preprocessing(preprocessing)
 
     def _check_params(self, d_in: int, d_out: int) -> None:
-        _positive_int(self.k, "k", min(d_in, d_out), "min(d_in, d_out)")
-        _nonneg_float(self.reg, "reg")
+        _bounded_int(self.k, "k", min(d_in, d_out), "min(d_in, d_out)")
+        nonneg_float(self.reg, "reg")
 
     def _regularised(self, s: Tensor, n: int) -> Tensor:
         c = s / n
@@ -466,8 +348,8 @@ class CCA(LinearMap):
         return c + self.reg * (mean_var if mean_var > 0 else 1.0) * eye
 
     def _solve(self, p: Prepared) -> Tensor:
-        isq_x, _ = _inv_sqrt(self._regularised(p.sxx, p.n))
-        isq_y, sq_y = _inv_sqrt(self._regularised(p.syy, p.n))
+        isq_x, _ = inv_sqrt(self._regularised(p.sxx, p.n))
+        isq_y, sq_y = inv_sqrt(self._regularised(p.syy, p.n))
         u, rho, vh = torch.linalg.svd(isq_x @ (p.sxy / p.n) @ isq_y, full_matrices=False)
         k = self.k
         a = isq_x @ u[:, :k]

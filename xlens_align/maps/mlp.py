@@ -1,25 +1,28 @@
-"""A learned nonlinear alignment map: an MLP with a residual linear skip, trained on pairs."""
+"""Learned nonlinear alignment maps: the `ResidualMLP` network, the `NetMap` base of the maps
+built on a network (`MLP`, `Adapter`), and `MLP`, trained on pairs with `maps.training.train`."""
 
 from __future__ import annotations
 
-import copy
 import itertools
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from xlens_align.maps.base import AlignmentMap, check_pair, register, split_indices
-from xlens_align.maps.linear import prepare, ridge_coef
-from xlens_align.maps.preprocess import Preprocessor
-from xlens_align.stats import CrossStats
+from xlens_align.files import split_indices
+from xlens_align.maps import training
+from xlens_align.maps.base import AlignmentMap, register
+from xlens_align.maps.preprocess import Preprocessing, PreprocessingParams, Preprocessor
+from xlens_align.maps.solve import prepare, ridge_coef
+from xlens_align.stats import CHUNK_ROWS, CrossStats
+from xlens_align.validate import check_pair, nonneg_float, positive_float, positive_int
 
-__all__ = ["MLP", "ResidualMLP"]
+__all__ = ["ACTIVATIONS", "MLP", "NetMap", "ResidualMLP", "prepared_rows"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
@@ -49,33 +52,79 @@ class ResidualMLP(nn.Module):
         return self.skip(x) + self.head(self.body(x))
 
 
-def _rows(p: Preprocessor, x: Tensor, device: torch.device | str, chunk: int = 16384) -> Tensor:
-    """Preprocess rows in float64 chunks, return float32 on `device`."""
+def prepared_rows(p: Preprocessor, x: Tensor, device: torch.device | str) -> Tensor:
+    """`p` applied to rows of `x` in float64 chunks, returned as float32 on `device`."""
     return torch.cat(
-        [p.forward(x[i : i + chunk].double()).float().to(device) for i in range(0, x.shape[0], chunk)]
+        [
+            p.forward(x[i : i + CHUNK_ROWS].double()).float().to(device)
+            for i in range(0, x.shape[0], CHUNK_ROWS)
+        ]
     )
 
 
-def _cast(p: Preprocessor, dtype: torch.dtype, device: torch.device | str) -> Preprocessor:
-    tensors, cfg = p.state()
-    return Preprocessor.from_state({k: v.to(dtype=dtype, device=device) for k, v in tensors.items()}, cfg)
+def check_net_params(m: Any, ints: tuple[str, ...], floats: tuple[str, ...]) -> None:
+    """Shared hyper-parameter checks of the network maps: positive ints `ints`, floats >= 0
+    `floats`, ``lr`` > 0, ``val_every`` None or a positive int, a known ``activation``."""
+    for name in ints:
+        positive_int(getattr(m, name), name)
+    for name in floats:
+        nonneg_float(getattr(m, name), name)
+    positive_float(m.lr, "lr")
+    if m.val_every is not None:
+        positive_int(m.val_every, "val_every")
+    if m.activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {m.activation!r}")
+
+
+class NetMap(AlignmentMap):
+    """Base of the maps computed by a network: ``y = prep_y_.inverse(net_(prep_x_.forward(x)))``.
+
+    Fitted: ``net_`` (float32, on its training device), ``prep_x_``, ``prep_y_``. Subclasses say
+    which network in `_architecture`; `_new_net` builds it with ``seed``'s initial weights.
+    """
+
+    seed: int
+
+    def _architecture(self, d_in: int, d_out: int) -> nn.Module:
+        raise NotImplementedError
+
+    def _new_net(self, d_in: int, d_out: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.seed))
+            return self._architecture(d_in, d_out)
+
+    def _build_module(self, name: str) -> nn.Module:
+        if name != "net_":
+            return super()._build_module(name)
+        return self._new_net(self.d_in_, self.d_out_)
+
+    def _predict64(self, X: Float[Tensor, "n d_in"]) -> Float[Tensor, "n d_out"]:
+        dev = next(self.net_.parameters()).device
+        out = []
+        with torch.no_grad():
+            for i in range(0, X.shape[0], CHUNK_ROWS):
+                z = self.prep_x_.forward(X[i : i + CHUNK_ROWS].double()).float().to(dev)
+                out.append(self.prep_y_.inverse(self.net_(z).double().to(X.device)))
+        return torch.cat(out)
 
 
 @register("mlp")
-class MLP(AlignmentMap):
-    """Nonlinear map ``y' = x' W + b + MLP(x')`` in preprocessed coordinates, trained with Adam(W).
+class MLP(PreprocessingParams, NetMap):
+    """Nonlinear map ``y' = x' W + b + MLP(x')`` in preprocessed coordinates, trained with AdamW.
 
     Loss: mean squared error in the preprocessed target space plus ``cosine_weight * (1 - cos)``,
-    the mean row cosine between prediction and target in raw target coordinates. Early stopping
-    on held-out pairs: after every epoch (or every `val_every` optimiser steps) the validation loss
-    is computed; training stops after `patience` checks without a relative improvement of
-    `min_delta`, and the best weights are restored. ``init="affine"`` starts the skip at the
+    the mean row cosine between prediction and target in raw target coordinates. Training is
+    `maps.training.train`: early stopping on held-out pairs (`val_fraction` of the rows, split
+    by `xlens_align.files.split_indices`; 0 = none, all epochs run) checked after every epoch (or
+    every `val_every` optimiser steps), stopping after `patience` checks without a relative
+    improvement of `min_delta`, best weights restored. ``init="affine"`` starts the skip at the
     least-squares solution of the training pairs (the head starts at zero, so training starts
     from the Affine map); ``"random"`` uses PyTorch's default init. Deterministic given `seed` on
-    CPU. Trained in float32 on `device`. Preprocessing hyper-parameters as for `LinearMap`.
+    CPU. Trained in float32 on `device`. Preprocessing keywords: see `PreprocessingParams`.
 
     Fitted: ``net_`` (`ResidualMLP`), ``prep_x_``, ``prep_y_``, ``history_`` (one dict per check:
-    epoch, step, train_loss, val_loss), ``best_epoch_``, ``best_val_loss_``, ``stopped_early_``.
+    epoch, step, train_loss, val_loss), ``best_epoch_``, ``best_step_``, ``best_val_loss_``,
+    ``stopped_early_``.
     """
 
     def __init__(
@@ -97,11 +146,7 @@ class MLP(AlignmentMap):
         seed: int = 0,
         device: str = "cpu",
         progress: bool = True,
-        center: bool = True,
-        standardize: bool | str = False,
-        whiten: bool | str = False,
-        whiten_eps: float = 1e-6,
-        clamp: float | tuple[Any, Any] | None = None,
+        **preprocessing: Unpack[Preprocessing],
     ) -> None:
         self.hidden = hidden
         self.depth = depth
@@ -119,54 +164,29 @@ class MLP(AlignmentMap):
         self.seed = seed
         self.device = device
         self.progress = progress
-        self.center = center
-        self.standardize = standardize
-        self.whiten = whiten
-        self.whiten_eps = whiten_eps
-        self.clamp = clamp
+        self._set_preprocessing(preprocessing)
 
-    # -- checks -------------------------------------------------------------------------------
     def _check_params(self) -> None:
-        for name in ("hidden", "depth", "epochs", "batch_size", "patience"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.val_every is not None and (not isinstance(self.val_every, int) or self.val_every < 1):
-            raise ValueError(f"val_every must be None or a positive int, got {self.val_every!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        check_net_params(self, ("hidden", "depth", "epochs", "batch_size", "patience"), _FLOATS)
         if self.init not in ("affine", "random"):
             raise ValueError(f"init must be 'affine' or 'random', got {self.init!r}")
-        for name in ("weight_decay", "cosine_weight", "min_delta"):
-            v = getattr(self, name)
-            if not (isinstance(v, int | float) and v >= 0):
-                raise ValueError(f"{name} must be a float >= 0, got {v!r}")
-        if not (isinstance(self.lr, int | float) and self.lr > 0):
-            raise ValueError(f"lr must be a float > 0, got {self.lr!r}")
+
+    def _architecture(self, d_in: int, d_out: int) -> nn.Module:
+        return ResidualMLP(d_in, d_out, self.hidden, self.depth, self.activation)
 
     # -- fitting ------------------------------------------------------------------------------
     def _fit(self, X: Tensor, Y: Tensor) -> None:
         self._check_params()
-        px, py = self._preprocessors(self._resolve_clamp(X, X.shape[1]), X.shape[1])
-        tr, va = split_indices(X.shape[0], self.val_fraction, self.seed)
-        st = CrossStats.empty(X.shape[1], Y.shape[1], device=X.device)
-        for i in range(0, tr.shape[0], 16384):
-            idx = tr[i : i + 16384].to(X.device)
-            st.update(px.clamp(X[idx].double()), Y[idx])
-        self._setup(st, px, py)
+        px, py = self._preprocessors(X, X.shape[1])
+        tr, va = split_indices(X.shape[0], self.val_fraction, self.seed, name="val_fraction")
+        tr, va = tr.to(X.device), va.to(X.device)
+        self._setup(CrossStats.from_data(X[tr], Y[tr], map_x=px.winsorize), px, py)
         dev = self.device
-        xt, yt = _rows(px, X[tr.to(X.device)], dev), _rows(py, Y[tr.to(Y.device)], dev)
-        xv, yv = _rows(px, X[va.to(X.device)], dev), _rows(py, Y[va.to(Y.device)], dev)
-        gen = torch.Generator().manual_seed(int(self.seed))
-        n, bs = xt.shape[0], self.batch_size
-
-        def epoch_batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-            perm = torch.randperm(n, generator=gen).to(dev)
-            for i in range(0, n, bs):
-                idx = perm[i : i + bs]
-                yield xt[idx], yt[idx]
-
-        self._train(epoch_batches, xv, yv)
+        xt, yt = prepared_rows(px, X[tr], dev), prepared_rows(py, Y[tr], dev)
+        xv, yv = prepared_rows(px, X[va], dev), prepared_rows(py, Y[va], dev)
+        per_epoch = math.ceil(xt.shape[0] / self.batch_size)
+        epochs = training.row_batches(xt, yt, self.batch_size, self.seed)
+        self._train(epochs, training.chunks(xv, yv), max_steps=self.epochs * per_epoch)
 
     def fit_stream(
         self,
@@ -187,7 +207,7 @@ class MLP(AlignmentMap):
         if Xv is None:
             raise TypeError("val must be a pair (X_val, Y_val) of tensors")
         d_in, d_out = Xv.shape[1], Yv.shape[1]
-        px, py = self._preprocessors(self._resolve_clamp(None, d_in), d_in)
+        px, py = self._preprocessors(None, d_in)
 
         def checked(it: Iterable[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
             for item in it:
@@ -212,10 +232,10 @@ class MLP(AlignmentMap):
                 first = list(itertools.islice(checked(batches), 1))
                 if not first:
                     raise ValueError("the batch iterator is empty")
-                stats.update(px.clamp(first[0][0].double()), first[0][1])
+                stats.update(px.winsorize(first[0][0].double()), first[0][1])
             else:
                 for xb, yb in checked(factory()):
-                    stats.update(px.clamp(xb.double()), yb)
+                    stats.update(px.winsorize(xb.double()), yb)
         elif not isinstance(stats, CrossStats) or stats.shape != (d_in, d_out):
             raise ValueError(f"stats must be a CrossStats of shape {(d_in, d_out)}")
         if stats.n < 1:
@@ -231,17 +251,16 @@ class MLP(AlignmentMap):
             else:
                 src = checked(factory())
             for xb, yb in src:
-                yield _rows(px, xb, dev), _rows(py, yb, dev)
+                yield prepared_rows(px, xb, dev), prepared_rows(py, yb, dev)
 
-        self._train(epoch_batches, _rows(px, Xv, dev), _rows(py, Yv, dev))
+        val_batches = training.chunks(prepared_rows(px, Xv, dev), prepared_rows(py, Yv, dev))
+        self._train(epoch_batches, val_batches, max_steps=None)
         return self
 
     def _setup(self, stats: CrossStats, px: Preprocessor, py: Preprocessor) -> None:
         px.fit_moments(stats.x)
         py.fit_moments(stats.y)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(self.seed))
-            net = ResidualMLP(stats.d_x, stats.d_y, self.hidden, self.depth, self.activation)
+        net = self._new_net(stats.d_x, stats.d_y)
         if self.init == "affine":
             p = prepare(stats, px, py)
             coef = ridge_coef(p.sxx, p.sxy, p.n, 0.0)
@@ -251,97 +270,40 @@ class MLP(AlignmentMap):
         self.net_ = net.to(self.device)
         self.prep_x_, self.prep_y_ = px, py
         self.d_in_, self.d_out_ = stats.d_x, stats.d_y
+        self.n_samples_ = stats.n
 
     def _train(
-        self,
-        epoch_batches: Callable[[int], Iterator[tuple[Tensor, Tensor]]],
-        xv: Tensor,
-        yv: Tensor,
+        self, epochs: training.Epochs, val: list[tuple[Tensor, Tensor]], max_steps: int | None
     ) -> None:
-        net = self.net_
-        py32 = _cast(self.prep_y_, torch.float32, self.device)
-        cw = float(self.cosine_weight)
-        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        net, cw = self.net_, float(self.cosine_weight)
+        loss = training.row_mse(net)
+        if cw:
+            py32 = self.prep_y_.copy(torch.float32, self.device)
 
-        def loss_parts(pred: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-            se = (pred - y).square().mean(1)
-            if cw == 0:
-                return se, torch.zeros_like(se)
-            return se, 1 - F.cosine_similarity(py32.inverse(pred), py32.inverse(y), dim=1, eps=1e-8)
+            def loss(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
+                x, y = batch
+                pred = net(x)
+                cos = F.cosine_similarity(py32.inverse(pred), py32.inverse(y), dim=1, eps=1e-8)
+                return ((pred - y).square().mean(1) + cw * (1 - cos)).sum(), x.shape[0]
 
-        def evaluate() -> float:
-            net.eval()
-            total = 0.0
-            with torch.no_grad():
-                for i in range(0, xv.shape[0], 8192):
-                    se, cos = loss_parts(net(xv[i : i + 8192]), yv[i : i + 8192])
-                    total += float((se + cw * cos).sum())
-            return total / xv.shape[0]
+        run = training.train(
+            net,
+            loss,
+            epochs,
+            val,
+            max_epochs=self.epochs,
+            max_steps=max_steps,
+            val_every=self.val_every,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            patience=self.patience,
+            min_delta=self.min_delta,
+            progress=self.progress,
+            desc="MLP",
+        )
+        self.history_ = run.history
+        self.best_epoch_, self.best_step_ = run.best_epoch, run.best_step
+        self.best_val_loss_, self.stopped_early_ = run.best_val_loss, run.stopped_early
 
-        best = evaluate()
-        best_state = copy.deepcopy(net.state_dict())
-        self.best_epoch_, self.best_val_loss_ = 0, best
-        self.history_: list[dict[str, Any]] = []
-        bad, step, run, cnt = 0, 0, 0.0, 0
-        epoch = 0
 
-        def check() -> bool:
-            nonlocal best, best_state, bad, run, cnt
-            val = evaluate()
-            self.history_.append(
-                {"epoch": epoch, "step": step, "train_loss": run / max(cnt, 1), "val_loss": val}
-            )
-            run, cnt = 0.0, 0
-            if val < best - self.min_delta * abs(best):
-                best, bad = val, 0
-                best_state = copy.deepcopy(net.state_dict())
-                self.best_epoch_, self.best_val_loss_ = epoch, val
-            else:
-                bad += 1
-            return bad >= self.patience
-
-        stop = False
-        bar = tqdm(total=self.epochs, desc="MLP", disable=not self.progress, leave=False)
-        for epoch in range(1, self.epochs + 1):
-            seen = 0
-            for xb, yb in epoch_batches(epoch):
-                net.train()
-                opt.zero_grad(set_to_none=True)
-                se, cos = loss_parts(net(xb), yb)
-                loss = (se + cw * cos).mean()
-                loss.backward()
-                opt.step()
-                step += 1
-                seen += 1
-                run += loss.item() * xb.shape[0]
-                cnt += xb.shape[0]
-                if self.val_every and step % self.val_every == 0 and check():
-                    stop = True
-                    break
-            if seen == 0:
-                break
-            if not self.val_every and check():
-                stop = True
-            bar.update(1)
-            bar.set_postfix(val=f"{best:.4g}")
-            if stop:
-                break
-        bar.close()
-        net.load_state_dict(best_state)
-        net.eval()
-        self.stopped_early_ = stop
-
-    # -- use ----------------------------------------------------------------------------------
-    def _predict64(self, X: Float[Tensor, "n d_in"]) -> Float[Tensor, "n d_out"]:
-        dev = next(self.net_.parameters()).device
-        out = []
-        with torch.no_grad():
-            for i in range(0, X.shape[0], 16384):
-                z = self.prep_x_.forward(X[i : i + 16384].double()).float().to(dev)
-                out.append(self.prep_y_.inverse(self.net_(z).double().to(X.device)))
-        return torch.cat(out)
-
-    def _build_module(self, name: str) -> nn.Module:
-        if name != "net_":
-            return super()._build_module(name)
-        return ResidualMLP(self.d_in_, self.d_out_, self.hidden, self.depth, self.activation)
+_FLOATS = ("weight_decay", "cosine_weight", "min_delta")
