@@ -744,6 +744,16 @@ def test_adapter_trains_on_a_custom_loss_and_early_stops():
         )
 
 
+def test_no_held_out_rows_runs_every_step():
+    X, Y = planted_affine(300, seed=315)
+    ad = Adapter(steps=7, batch_size=64, val_fraction=0.0).fit(X, Y)
+    assert [h["step"] for h in ad.history_] == [0, 5, 7] and ad.best_step_ == 7
+    assert ad.init_val_loss_ is None and ad.best_val_loss_ is None and not ad.stopped_early_
+    m = MLP(hidden=8, epochs=3, batch_size=100, val_fraction=0.0, progress=False).fit(X, Y)
+    assert [h["step"] for h in m.history_] == [3, 6, 9] and all(h["val_loss"] is None for h in m.history_)
+    assert m.best_val_loss_ is None and m.best_epoch_ == 3 and m.n_samples_ == 300
+
+
 def test_adapter_argument_errors():
     X, Y = planted_affine(200, seed=320)
     batches = toy_batches(X, Y, 50)

@@ -319,8 +319,4 @@ class StatsGrid:
         a, b = key
         ma, mb = self.moments_a[a], self.moments_b[b]
         # a snapshot: later updates of the grid (in place) and merges into the result stay apart
-        return CrossStats(
-            Moments(ma.n, ma.mean.clone(), ma.s.clone()),
-            Moments(mb.n, mb.mean.clone(), mb.s.clone()),
-            self.cross[key].clone(),
-        )
+        return CrossStats(ma, mb, self.cross[key]).copy()

@@ -31,6 +31,7 @@ training). Training is `maps.training.train` (AdamW, early stopping, best weight
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -255,20 +256,7 @@ class Adapter(NetMap):
         self._init_from(self.init, X, Y)
         self.net_ = self.net_.to(X.device)
         if self.objective == "mse":
-            tr, va = split_indices(X.shape[0], self.val_fraction, self.seed, name="val_fraction")
-            tr, va = tr.to(X.device), va.to(X.device)
-            xt, yt = (
-                prepared_rows(self.prep_x_, X[tr], X.device),
-                prepared_rows(self.prep_y_, Y[tr], X.device),
-            )
-            xv, yv = (
-                prepared_rows(self.prep_x_, X[va], X.device),
-                prepared_rows(self.prep_y_, Y[va], X.device),
-            )
-            step_loss = training.row_mse(self.net_)
-            train_batches = training.chunks(xt, yt)
-            epochs = training.row_batches(xt, yt, self.batch_size, self.seed)
-            val = training.chunks(xv, yv) if xv.shape[0] else None
+            step_loss, train_batches, epochs, val = self._on_rows(X, Y)
         else:
             step_loss = self._wrap(loss, X.device)
             train_batches, epochs, val = (
@@ -305,6 +293,19 @@ class Adapter(NetMap):
         self.d_in_, self.d_out_, self.n_samples_ = int(X.shape[1]), int(Y.shape[1]), int(X.shape[0])
         return self
 
+    def _on_rows(self, X: Tensor, Y: Tensor) -> tuple[training.Loss, list, training.Epochs, list | None]:
+        """``objective="mse"``: (loss, training batches, epochs, validation batches) on the
+        standardised rows, `val_fraction` of them held out by `files.split_indices`."""
+        dev = X.device
+        tr, va = (
+            i.to(dev) for i in split_indices(X.shape[0], self.val_fraction, self.seed, name="val_fraction")
+        )
+        xt, xv = (prepared_rows(self.prep_x_, X[i], dev) for i in (tr, va))
+        yt, yv = (prepared_rows(self.prep_y_, Y[i], dev) for i in (tr, va))
+        epochs = training.row_batches(xt, yt, self.batch_size, self.seed)
+        val = training.chunks(xv, yv) if xv.shape[0] else None
+        return training.row_mse(self.net_), training.chunks(xt, yt), epochs, val
+
     def _wrap(self, loss: BatchLoss, device: torch.device) -> training.Loss:
         """`loss(apply, batch)` as the training loop's ``batch -> (total, count)``, with `apply` the
         differentiable float32 map (preprocessors cast once)."""
@@ -324,13 +325,15 @@ class Adapter(NetMap):
             ):
                 raise TypeError(f"loss must return (total: scalar Tensor, count: int), got {out!r:.200}")
             total, count = out
-            if isinstance(count, Tensor):
-                count = int(count)
-            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            try:  # an int, a numpy integer or an integer tensor
+                n = -1 if isinstance(count, bool) else operator.index(count)
+            except TypeError:
+                n = -1
+            if n < 0:
                 raise TypeError(
                     f"loss must return (total, count) with count an int >= 0, got count={count!r}"
                 )
-            return total, count
+            return total, n
 
         return step_loss
 

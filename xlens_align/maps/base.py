@@ -354,8 +354,11 @@ class AlignmentMap:
             setattr(self, k, v)  # a module's entry is a placeholder until it is built below
         for k, v in scalars.items():
             if isinstance(v, dict) and "__module__" in v:
+                state = groups.pop(k, {})
                 module = self._build_module(k)
-                module.load_state_dict(groups.pop(k, {}), strict=True)
+                if state:  # built on the CPU: follow the tensors to the device `load` was given
+                    module.to(next(iter(state.values())).device)
+                module.load_state_dict(state, strict=True)
                 module.eval()
                 setattr(self, k, module)
         if groups:

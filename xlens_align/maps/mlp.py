@@ -53,13 +53,10 @@ class ResidualMLP(nn.Module):
 
 
 def prepared_rows(p: Preprocessor, x: Tensor, device: torch.device | str) -> Tensor:
-    """`p` applied to rows of `x` in float64 chunks, returned as float32 on `device`."""
-    return torch.cat(
-        [
-            p.forward(x[i : i + CHUNK_ROWS].double()).float().to(device)
-            for i in range(0, x.shape[0], CHUNK_ROWS)
-        ]
-    )
+    """`p` applied to rows of `x` in float64 chunks, returned as float32 on `device` (zero rows
+    give a [0, d] tensor)."""
+    starts = range(0, max(x.shape[0], 1), CHUNK_ROWS)  # one (empty) chunk when x has no rows
+    return torch.cat([p.forward(x[i : i + CHUNK_ROWS].double()).float().to(device) for i in starts])
 
 
 def check_net_params(m: Any, ints: tuple[str, ...], floats: tuple[str, ...]) -> None:
