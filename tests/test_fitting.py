@@ -125,7 +125,7 @@ def test_adapter_starts_from_closed_form_map(tiny_pair):
 def test_adapter_kl_objective_and_mlp(tiny_pair):
     snap = snapshot(tiny_pair.b)
     kw = dict(source=SRC, target=TGT, texts=TEXTS)
-    ad = train_adapter(tiny_pair, **kw, objective="kl", steps=4, lr=1e-2, batch_size=2)
+    ad = train_adapter(tiny_pair, **kw, objective="kl", init=None, steps=4, lr=1e-2, batch_size=2)
     assert ad.objective == "kl"
     assert 0.0 <= ad.final_train_loss_ < ad.init_train_loss_
     # the KL the training reports is effects' KL(clean || patched) on the same predictions

@@ -105,6 +105,16 @@ class EmbeddingInjection(AlignmentMap):
         return self
 
     # -- fitting ------------------------------------------------------------------------------
+    def fit_from(self, m: AlignmentMap) -> EmbeddingInjection:
+        """Adopt `m`, an already fitted map of this injection's base kind (e.g. one that
+        `fitting.fit_grid` solved from streamed statistics), as the base map; returns self."""
+        if not isinstance(m, AlignmentMap) or not m.is_fitted:
+            raise TypeError(f"fit_from needs a fitted AlignmentMap, got {m!r}")
+        if m.kind != self._base_kind():
+            raise ValueError(f"fit_from got a {m.kind!r} map; this injection's base is {self._base_kind()!r}")
+        self._set_from(m)
+        return self
+
     def _set_from(self, m: AlignmentMap) -> None:
         self.base_map_ = m
         self.d_in_, self.d_out_ = int(m.d_in_), int(m.d_out_)
