@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .points import Point
 
-__all__ = ["Positions", "patch", "patch_hooks"]
+__all__ = ["Positions", "forward_patched", "patch", "patch_hooks"]
 
 # None: every position; LongTensor [k]: these positions of every row; (batch_idx, pos_idx): these
 # (row, position) cells; BoolTensor [batch, pos]: where True.
@@ -156,3 +156,24 @@ def patch(
     hooks = patch_hooks(model, point, values, positions)
     with model.bridge.hooks(fwd_hooks=hooks):
         yield model
+
+
+def forward_patched(
+    model: Any,
+    input_ids: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None,
+    spec: Mapping[str | Point, tuple[Values, Positions]] | None = None,
+) -> Float[Tensor, "batch pos vocab"]:
+    """`model`'s logits with ``spec = {point: (values, positions)}`` written into its residual
+    stream (None or empty: a clean forward).
+
+    A `LensModel` gets TransformerLens hooks (`patch_hooks`). A model that runs elsewhere (a
+    remote model: any object with a ``run_patched(input_ids, attention_mask, spec)`` method) gets
+    the same checks on `spec` and writes the values inside its own trace.
+    """
+    hooks = patch_hooks(model, spec) if spec else []  # checks points, values and positions
+    if callable(getattr(model, "run_patched", None)):
+        return model.run_patched(
+            input_ids, attention_mask, {model.point(p): v for p, v in (spec or {}).items()}
+        )
+    return model.forward(input_ids, attention_mask, fwd_hooks=hooks)

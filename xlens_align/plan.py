@@ -27,7 +27,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .patching import patch_hooks
+from .patching import forward_patched
 from .points import Point
 from .rows import RowFilter, merge_counts
 from .tokens import AlignedBatch, RowMeta
@@ -141,7 +141,9 @@ def plans(
     if max_length is None:
         max_length = (pair.a.n_ctx, pair.b.n_ctx)
     for s in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=not progress):
-        ab = pair.align(list(texts[s : s + batch_size]), policy="last", max_length=max_length, overflow=overflow)
+        ab = pair.align(
+            list(texts[s : s + batch_size]), policy="last", max_length=max_length, overflow=overflow
+        )
         yield make_plan(pair, ab, rows)
 
 
@@ -193,7 +195,8 @@ def run_b(
 ) -> Float[Tensor, "K T V"]:
     """B's logits on ``len(variants)`` replicates of the plan's batch (stacked along the batch
     dimension); replicate j gets ``variants[j] = (target, values [n_patched, d_B])`` written at
-    the plan's write cells (``(None, None)``: clean). One hook per distinct target point. Read
+    the plan's write cells (``(None, None)``: clean), one write per distinct target point
+    (`patching.forward_patched`: hooks locally, inside the trace for a remote model). Read
     replicate j's scored predictions with `scoring.scored_logits(logits, plan.score_at,
     plan.batch_rows, j)`."""
     k, B = len(variants), plan.batch_rows
@@ -206,6 +209,5 @@ def run_b(
         pi.append(plan.write_b[1])
         vs.append(v)
     spec = {t: (torch.cat(vs), (torch.cat(bi), torch.cat(pi))) for t, (bi, pi, vs) in by_target.items()}
-    hooks = patch_hooks(model, spec) if spec else []
     ids, mask = (plan.ids_b, plan.mask_b) if k == 1 else (plan.ids_b.repeat(k, 1), plan.mask_b.repeat(k, 1))
-    return model.forward(ids, mask, fwd_hooks=hooks)
+    return forward_patched(model, ids, mask, spec)

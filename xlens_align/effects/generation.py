@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..patching import patch_hooks
+from ..patching import forward_patched
 from ..rows import RowFilter
 from ..validate import nonneg_int
 from .ablation import ablation_vectors
@@ -68,14 +68,14 @@ def generate(
     _, pos = mp.positions
     values = torch.cat([mp.values, abl_vecs[tgt].expand(n, -1)])
     rows = torch.cat([torch.full_like(pos, 1), torch.full_like(pos, 2)])
-    hooks = patch_hooks(b, tgt, values, (rows, torch.cat([pos, pos])))
+    spec = {tgt: (values, (rows, torch.cat([pos, pos])))}
     ids = mp.input_ids[:1, :prompt_len].repeat(3, 1)
     eos = b.tokenizer.eos_token_id
     gens = [torch.Generator().manual_seed(int(seed)) for _ in range(3)]
     done = torch.zeros(3, dtype=torch.bool)
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits = b.forward(ids, None, fwd_hooks=hooks)[:, -1].float().cpu()
+            logits = forward_patched(b, ids, None, spec)[:, -1].float().cpu()
             if do_sample:
                 probs = torch.softmax(logits / float(temperature), dim=-1)
                 nxt = torch.cat([torch.multinomial(probs[r], 1, generator=gens[r]) for r in range(3)])
