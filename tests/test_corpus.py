@@ -31,6 +31,100 @@ def test_pydoc_is_deterministic_prose_of_bounded_length():
     assert all(100 <= len(t) <= 400 for t in short) and len(short) > len(c)
 
 
+# the pinned numbers of the shipped pydoc corpus (Python 3.11.7's reference manual)
+PYDOC_PASSAGES = 220
+PYDOC_CHARS = 245_609
+PYDOC_CHECKSUM = "ef887d0dc1c245fac0165245044fc621d2e2a1d8a8c5c97d6a3b8e207a3aa4c9"
+
+
+def test_pydoc_is_shipped_with_a_checksum_and_equals_the_interpreters_on_3_11_7():
+    import gzip
+    import hashlib
+    from importlib import resources
+
+    from xlens_align import passages
+
+    raw = gzip.decompress(
+        resources.files("xlens_align").joinpath("data", passages.PYDOC_TOPICS_FILE).read_bytes()
+    )
+    assert hashlib.sha256(raw).hexdigest() == passages.PYDOC_TOPICS_SHA256
+    assert json.loads(raw) == passages.pydoc_topics()
+    c = load("pydoc")
+    assert (len(c), sum(map(len, c)), c.checksum) == (PYDOC_PASSAGES, PYDOC_CHARS, PYDOC_CHECKSUM)
+    if sys.version_info[:3] == (3, 11, 7):  # the interpreter the text was taken from: same passages
+        from pydoc_data.topics import topics
+
+        assert passages.pydoc_topics() == topics
+        assert c.texts == list(dict.fromkeys(corpus.pydoc_passages(topics=topics)))
+        short = dict(max_chars=400, min_chars=100)
+        assert corpus.pydoc_passages(**short) == corpus.pydoc_passages(topics=topics, **short)
+
+
+def test_corpus_checksum_is_of_the_texts_in_order():
+    import hashlib
+
+    texts = ["first passage here", "second passage, é and 🙂"]
+    c = load(texts, min_chars=1)
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(len(t.encode()).to_bytes(8, "little") + t.encode())
+    assert c.checksum == h.hexdigest()
+    assert load(texts[::-1], min_chars=1).checksum != c.checksum
+    assert load(["first passage her", "esecond passage, é and 🙂"], min_chars=1).checksum != c.checksum
+    assert load(texts, min_chars=1, seed=3).checksum == c.checksum  # the split seed is recorded apart
+
+
+def test_damaged_shipped_corpus_is_refused(monkeypatch, tmp_path):
+    import gzip
+
+    from xlens_align import passages
+
+    passages._shipped_topics.cache_clear()
+    monkeypatch.setattr(passages, "PYDOC_TOPICS_SHA256", "0" * 64)
+    with pytest.raises(RuntimeError, match="has sha256 4717ccc5.*expected 0000.*reinstall"):
+        load("pydoc")
+    monkeypatch.undo()
+    passages._shipped_topics.cache_clear()
+    (tmp_path / "data").mkdir()
+    good = gzip.decompress(
+        (passages.resources.files("xlens_align") / "data" / passages.PYDOC_TOPICS_FILE).read_bytes()
+    )
+    (tmp_path / "data" / passages.PYDOC_TOPICS_FILE).write_bytes(gzip.compress(good)[:5000])
+    monkeypatch.setattr(passages.resources, "files", lambda pkg: tmp_path)
+    with pytest.raises(RuntimeError, match="truncated or corrupt"):
+        passages.pydoc_topics()
+    monkeypatch.undo()
+    passages._shipped_topics.cache_clear()
+    assert len(load("pydoc")) == PYDOC_PASSAGES
+
+
+def test_run_info_records_versions_seeds_and_corpus():
+    import platform
+    from importlib import metadata
+
+    c = load("pydoc", seed=2)
+    info = corpus.run_info(seed=7, corpus=c, split_seed=2)
+    json.dumps(info)  # JSON values only
+    assert info["python"] == platform.python_version()
+    for pkg in ("torch", "transformers", "transformer-lens", "xlens-align"):
+        assert info["packages"][pkg] == metadata.version(pkg)
+    assert info["seeds"] == {"seed": 7, "split_seed": 2}
+    assert info["corpus"] == {
+        "name": "pydoc",
+        "checksum": PYDOC_CHECKSUM,
+        "passages": PYDOC_PASSAGES,
+        "chars": PYDOC_CHARS,
+        "train": len(c.train),
+        "held_out": len(c.held_out),
+        "seed": 2,
+    }
+    assert corpus.run_info()["corpus"] is None and corpus.run_info()["seeds"] == {}
+    with pytest.raises(TypeError, match="corpus must be a Corpus"):
+        corpus.run_info(corpus=["a list"])
+    with pytest.raises(TypeError, match="seed must be an int"):
+        corpus.run_info(seed=1.5)
+
+
 def test_split_is_disjoint_complete_and_seeded():
     c = load("pydoc", seed=0, held_out=0.2)
     assert not set(c.train) & set(c.held_out)

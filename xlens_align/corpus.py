@@ -4,7 +4,9 @@
 into a train part and a held-out part by a seed:
 
 * ``"pydoc"``: the default, always available with zero install: the prose of CPython's
-  Python reference manual (``pydoc_data.topics.topics``, ~465k characters). Topics are taken in
+  Python reference manual (~465k characters), shipped with the package (Python 3.11.7's
+  ``pydoc_data.topics.topics``, checksum-verified on load, so the passages are the same on every
+  Python version; `passages.pydoc_topics`). Topics are taken in
   sorted order; headings, code / grammar blocks and tables are dropped; the wrapped lines of each
   prose paragraph are joined with single spaces; consecutive paragraphs of a topic are packed
   (joined by a blank line) into passages of at most `max_chars` characters.
@@ -22,22 +24,29 @@ stripping) are dropped, and exact duplicates are dropped (first occurrence kept;
 some sections under several topics), so no held-out passage also appears in train. The held-out
 part is a seeded random subset of the passages, so the two parts are disjoint and the same for the
 same seed; both keep the corpus order.
+
+`Corpus.checksum` identifies the passages exactly; `run_info` gathers what a result file records
+to be reproduced: package versions, seeds and the corpus (name, checksum, sizes, split seed).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from .files import split_indices
-from .passages import pydoc_passages, split_paragraphs, split_passages
+from .passages import PYDOC_TOPICS_SHA256, pydoc_passages, split_paragraphs, split_passages
 from .validate import nonneg_int, positive_int
 
-__all__ = ["Corpus", "load", "pydoc_passages", "split_passages"]
+__all__ = ["Corpus", "load", "pydoc_passages", "run_info", "split_passages"]
 
 _TEXT_SUFFIXES = (".txt", ".md", ".text")
 _HELD_OUT_NAMES = ("held_out", "heldout", "test", "validation", "val")
@@ -73,6 +82,29 @@ class Corpus(Sequence[str]):
             f"Corpus({self.name!r}, passages={len(self.texts)}, train={len(self.train)}, "
             f"held_out={len(self.held_out)}, chars={sum(map(len, self.texts))}, seed={self.seed})"
         )
+
+    @property
+    def checksum(self) -> str:
+        """sha256 (hex) of the passages in order (each UTF-8, prefixed with its byte length): equal
+        checksums mean the same texts, whatever the source; the split is fixed by `seed` on top."""
+        h = hashlib.sha256()
+        for t in self.texts:
+            b = t.encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+        return h.hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        """JSON values identifying the corpus: name, checksum, passage / split sizes, split seed."""
+        return {
+            "name": self.name,
+            "checksum": self.checksum,
+            "passages": len(self.texts),
+            "chars": sum(map(len, self.texts)),
+            "train": len(self.train),
+            "held_out": len(self.held_out),
+            "seed": self.seed,
+        }
 
     def split(self, name: str) -> list[str]:
         """``"train"``, ``"held_out"`` (also ``"test"``, ``"validation"``) or ``"all"``."""
@@ -282,3 +314,36 @@ def load(
         held_out_index=held,
     )
     return corpus if split is None else corpus.split(split)
+
+
+_VERSIONED = ("xlens-align", "torch", "transformers", "transformer-lens", "tokenizers", "nnsight", "numpy",
+              "safetensors")  # fmt: skip
+
+
+def run_info(*, seed: int | None = None, corpus: Corpus | None = None, **seeds: int | None) -> dict[str, Any]:
+    """What a result file records so that it can be reproduced: Python and package versions, the
+    seeds (`seed` and any other named seeds, e.g. ``split_seed=0``), and `corpus`'s `describe()`
+    (with its checksum) when given; the shipped pydoc text's checksum always.
+
+    >>> info = run_info(seed=0, corpus=xa.corpus.load("pydoc"))
+    """
+    if corpus is not None and not isinstance(corpus, Corpus):
+        raise TypeError(f"corpus must be a Corpus (xlens_align.corpus.load), got {type(corpus).__name__}")
+    named = {"seed": seed, **seeds}
+    for k, v in named.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise TypeError(f"{k} must be an int or None, got {v!r}")
+    versions = {}
+    for pkg in _VERSIONED:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "python": platform.python_version(),
+        "platform": sys.platform,
+        "packages": versions,
+        "seeds": {k: v for k, v in named.items() if v is not None},
+        "corpus": None if corpus is None else corpus.describe(),
+        "pydoc_topics_sha256": PYDOC_TOPICS_SHA256,
+    }

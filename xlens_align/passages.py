@@ -2,16 +2,30 @@
 
 A passage longer than `max_chars` is split at sentence ends (else at spaces, else hard); passages
 shorter than `min_chars` (after stripping) are dropped. ``pydoc_passages`` is the prose of
-CPython's reference manual (``pydoc_data.topics``): headings, code / grammar blocks, tables and
-doctests dropped, wrapped lines joined, consecutive paragraphs of a topic packed into passages.
+CPython's reference manual: headings, code / grammar blocks, tables and doctests dropped, wrapped
+lines joined, consecutive paragraphs of a topic packed into passages.
+
+The manual is not read from the running interpreter's ``pydoc_data`` (it changes between Python
+versions, and so would every number measured on it): the package ships Python 3.11.7's
+``pydoc_data.topics.topics`` as ``data/pydoc_topics.json.gz``, checked against
+`PYDOC_TOPICS_SHA256` (sha256 of the uncompressed JSON) on every load (`pydoc_topics`).
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from importlib import resources
 
-__all__ = ["pydoc_passages", "split_paragraphs", "split_passages"]
+__all__ = ["PYDOC_TOPICS_SHA256", "pydoc_passages", "pydoc_topics", "split_paragraphs", "split_passages"]
+
+PYDOC_TOPICS_FILE = "pydoc_topics.json.gz"
+PYDOC_TOPICS_SHA256 = "4717ccc51e2e7bd1eed2feddb0bcb5a7da19a1a923fd2f258cf81e4285e31683"
+"""sha256 of the uncompressed JSON of the shipped topics (Python 3.11.7's ``pydoc_data.topics``)."""
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+")
@@ -119,15 +133,37 @@ def _pydoc_prose(topic: str) -> list[str]:
     return out
 
 
-def pydoc_passages(*, min_chars: int = 40, max_chars: int | None = 1500) -> list[str]:
-    """Prose passages of CPython's reference manual (``pydoc_data.topics``), deterministic."""
+@lru_cache(maxsize=1)
+def _shipped_topics() -> tuple[tuple[str, str], ...]:
+    res = resources.files("xlens_align").joinpath("data", PYDOC_TOPICS_FILE)
     try:
-        from pydoc_data.topics import topics
-    except ImportError as e:  # stripped-down Python builds
-        raise FileNotFoundError("this Python has no pydoc_data.topics; pass a text file instead") from e
-    out: list[str] = []
-    for key in sorted(topics):
-        out.extend(
-            split_passages(_pydoc_prose(topics[key]), min_chars=min_chars, max_chars=max_chars, pack=True)
+        raw = gzip.decompress(res.read_bytes())
+    except (OSError, EOFError) as e:
+        raise RuntimeError(
+            f"the packaged corpus file {res} is missing, truncated or corrupt ({e}); reinstall xlens-align"
+        ) from e
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != PYDOC_TOPICS_SHA256:
+        raise RuntimeError(
+            f"the packaged corpus file {res} has sha256 {digest}, expected {PYDOC_TOPICS_SHA256}: "
+            "it was changed or damaged; reinstall xlens-align"
         )
+    return tuple(sorted(json.loads(raw.decode("utf-8")).items()))
+
+
+def pydoc_topics() -> dict[str, str]:
+    """The shipped reference-manual topics (Python 3.11.7's ``pydoc_data.topics.topics``), checksum
+    verified: the same text on every Python version."""
+    return dict(_shipped_topics())
+
+
+def pydoc_passages(
+    *, min_chars: int = 40, max_chars: int | None = 1500, topics: Mapping[str, str] | None = None
+) -> list[str]:
+    """Prose passages of the Python reference manual, deterministic: of the shipped topics
+    (`pydoc_topics`) by default, or of `topics` (e.g. ``pydoc_data.topics.topics``)."""
+    items = _shipped_topics() if topics is None else sorted(topics.items())
+    out: list[str] = []
+    for _, text in items:
+        out.extend(split_passages(_pydoc_prose(text), min_chars=min_chars, max_chars=max_chars, pack=True))
     return out
