@@ -25,7 +25,9 @@ def test_demo_tiny_writes_a_complete_report(tmp_path, capsys):
         assert grid["points_a"][0] == "embed" and len(grid["values"]) == len(grid["points_a"])
     maps = report["maps"]
     assert {"affine(cv)", "procrustes", "lowrank(32)", "shuffled_control"} <= set(maps)
-    assert all(math.isfinite(maps[k]["r2"]) for k in ("affine(cv)", "procrustes", "lowrank(32)", "shuffled_control"))
+    assert all(
+        math.isfinite(maps[k]["r2"]) for k in ("affine(cv)", "procrustes", "lowrank(32)", "shuffled_control")
+    )
     effects = report["effects"]
     assert [e["mode"] for e in effects] == ["patch", "patch", "inject"]
     assert all(math.isfinite(e[k]) for e in effects for k in ("ce_clean", "ce_patched", "ce_ablated", "kl"))
@@ -39,3 +41,75 @@ def test_demo_tiny_writes_a_complete_report(tmp_path, capsys):
 def test_demo_rejects_unknown_options():
     with pytest.raises(SystemExit):
         cli.main(["demo", "--dtype", "int8"])
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--n-train", "0", "integer >= 1, got 0"),
+        ("--n-train", "-1", "integer >= 1, got -1"),
+        ("--n-held", "0", "integer >= 1, got 0"),
+        ("--n-held", "-1", "integer >= 1, got -1"),
+        ("--max-chars", "-30", "integer >= 1, got -30"),
+        ("--max-chars", "0", "integer >= 1, got 0"),
+        ("--points", "1", "integer >= 2, got 1"),
+        ("--points", "0", "integer >= 2, got 0"),
+        ("--batch-size", "0", "integer >= 1, got 0"),
+        ("--batch-size", "two", "integer >= 1, got 'two'"),
+    ],
+)
+def test_demo_refuses_bad_counts_before_any_work(monkeypatch, capsys, option, value, expected):
+    monkeypatch.setattr(cli, "cmd_demo", lambda args: pytest.fail("the demo ran on a bad option"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--tiny", option, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: expected an {expected}" in err
+
+
+@pytest.mark.parametrize("given", [["--a", "some/model"], ["--b", "some/model"]])
+def test_demo_refuses_tiny_with_explicit_models(monkeypatch, capsys, given):
+    monkeypatch.setattr(cli, "cmd_demo", lambda args: pytest.fail("the demo ran with contradictory options"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--tiny", *given])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--tiny" in err and "cannot be combined with --a or --b" in err
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_demo_tiny_honours_device_and_dtype(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_tiny_pair(args):
+        seen.update(device=args.device, dtype=args.dtype, a=args.a, b=args.b)
+        raise _Stop
+
+    monkeypatch.setattr(cli, "_tiny_pair", fake_tiny_pair)
+    monkeypatch.setattr(cli, "_load_pair", lambda args: pytest.fail("--tiny loaded the full models"))
+    with pytest.raises(_Stop):
+        cli.main(["demo", "--tiny", "--dtype", "bfloat16", "--device", "cpu", "--out", str(tmp_path)])
+    assert seen["device"] == "cpu" and seen["dtype"] == "bfloat16"
+
+
+def test_tiny_pair_is_built_in_the_requested_dtype():
+    import argparse
+
+    import torch
+
+    pair = cli._tiny_pair(argparse.Namespace(device="cpu", dtype="bfloat16"))
+    for m in (pair.a, pair.b):
+        assert {p.dtype for p in m.hf_model.parameters()} == {torch.bfloat16}
+
+
+def test_demo_refuses_more_passages_than_the_corpus_has(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(cli, "_tiny_pair", lambda args: pytest.fail("models loaded before the refusal"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--tiny", "--n-held", "100000", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--n-held 100000" in err and "has only" in err
+    assert not (tmp_path / "o").exists()

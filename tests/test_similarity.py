@@ -553,7 +553,7 @@ def test_grid_reports_filter_settings_and_counts():
     empty = types.SimpleNamespace(
         a={"x": torch.ones(0, 2)}, b={"y": torch.ones(0, 2)}, filtered={"drop_first": 4}
     )
-    with pytest.raises(ValueError, match=r"all removed by the row filters \{'drop_first': 4"):
+    with pytest.raises(ValueError, match=r"needs at least 2 aligned rows, got 0 of 4 \(drop_first removed 4"):
         S.grid_from_batches([empty], "cka_feature", massive=2.0)
 
 

@@ -122,5 +122,8 @@ def test_errors():
         CrossStats.empty(0, 2)
     with pytest.raises(ValueError, match="lacks points"):
         StatsGrid(["a"], ["b"]).update({}, {"b": torch.randn(3, 2)})
-    with pytest.raises(KeyError, match="no statistics"):
+    with pytest.raises(KeyError, match=r"\('a', 'zz'\) is not among the grid's pairs \[\('a', 'b'\)\]"):
         StatsGrid(["a"], ["b"])["a", "zz"]
+    empty = StatsGrid(["a"], ["b"]).update({"a": torch.randn(0, 3)}, {"b": torch.randn(0, 2)})
+    with pytest.raises(ValueError, match=r"pair \('a', 'b'\): the grid holds 0 rows.*row filters dropped"):
+        empty["a", "b"]

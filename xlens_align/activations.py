@@ -30,7 +30,16 @@ from .stats import StatsGrid
 from .tokens import AlignedBatch, RowMeta
 from .validate import check_texts, positive_int
 
-__all__ = ["PairedBatch", "accumulate", "collect", "collect_all", "concat", "resolve_points", "run_points"]
+__all__ = [
+    "PairedBatch",
+    "accumulate",
+    "collect",
+    "collect_all",
+    "concat",
+    "require_rows",
+    "resolve_points",
+    "run_points",
+]
 
 
 @dataclass
@@ -111,7 +120,13 @@ def collect(
 
 
 def _paired(
-    pair: Any, ab: AlignedBatch, policy: str, pts_a: list[Point], pts_b: list[Point], rows: RowFilter, offset: int
+    pair: Any,
+    ab: AlignedBatch,
+    policy: str,
+    pts_a: list[Point],
+    pts_b: list[Point],
+    rows: RowFilter,
+    offset: int,
 ) -> PairedBatch:
     """One aligned batch's filtered, paired rows (`offset`: index of the batch's first text)."""
     meta = ab.meta(policy)
@@ -177,7 +192,9 @@ def collect_all(
     Holds every row in memory: for maps that need raw pairs (MLP, adapters) and small corpora.
     Streaming consumers (statistics, minibatch CKA) should iterate `collect` instead.
     """
-    return concat(list(collect(pair, texts, points_a, points_b, **collect_kw)))
+    out = concat(list(collect(pair, texts, points_a, points_b, **collect_kw)))
+    require_rows(out.n, out.filtered, collect_kw, len(texts), "collect_all")
+    return out
 
 
 def accumulate(
@@ -191,9 +208,38 @@ def accumulate(
 ) -> StatsGrid:
     """Float64 `StatsGrid` of every (point of A, point of B) pair, in one streamed pass."""
     grid: StatsGrid | None = None
+    filtered: dict[str, int] = {}
     for pb in collect(pair, texts, points_a, points_b, **collect_kw):
         if grid is None:
             grid = StatsGrid(list(pb.a), list(pb.b), pairs=pairs)
         grid.update(pb.a, pb.b)
+        merge_counts(filtered, pb.filtered)
     assert grid is not None
+    require_rows(grid.n, filtered, collect_kw, len(texts), "accumulate")
     return grid
+
+
+def require_rows(n: int, filtered: dict[str, int], settings: dict[str, Any], n_texts: int, what: str) -> None:
+    """Raise a ValueError saying why no rows are left when `n` is 0: the row filter settings (from
+    `settings`, collect's keywords), the `filtered` counts and what to change."""
+    if n:
+        return
+    rows = RowFilter.of(**{k: v for k, v in settings.items() if k in ("drop_first", "massive", "clamp")})
+    dropped = sum(v for k, v in filtered.items() if k != "bos")
+    hints = []
+    if filtered.get("drop_first"):
+        hints.append(
+            f"drop_first={rows.drop_first} drops every chunk that starts within the first {rows.drop_first} "
+            "tokens of its text: lower it or pass longer texts"
+        )
+    if filtered.get("massive"):
+        hints.append(
+            f"massive={rows.massive} drops rows whose norm exceeds {rows.massive} x the batch median: "
+            "raise it or pass massive=None"
+        )
+    if not dropped:
+        hints.append("the texts gave no aligned chunks (each chunk needs at least one token on both sides)")
+    raise ValueError(
+        f"{what}: no rows left from {n_texts} text(s): the row filters ({rows.describe()}) dropped all "
+        f"{dropped} aligned rows (filtered: {filtered}); " + "; ".join(hints)
+    )

@@ -37,6 +37,34 @@ def _load_pair(args: argparse.Namespace):
     return xa.ModelPair(a, b)
 
 
+def _tiny_pair(args: argparse.Namespace):
+    """The tiny random-init Llama (A) and Mistral (B) on --device in --dtype."""
+    import torch
+
+    import xlens_align as xa
+
+    dtype = getattr(torch, args.dtype)
+    a = xa.testing.tiny_llama(n_layers=4, seed=0, device=args.device, dtype=dtype)
+    b = xa.testing.tiny_mistral(n_layers=4, seed=1, device=args.device, dtype=dtype)
+    return xa.ModelPair(a, b)
+
+
+def _at_least(lo: int) -> Any:
+    """An argparse `type=`: an int >= `lo` (argparse then names the option and exits 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {lo}"
+    return parse
+
+
 def _spaced(model: Any, k: int) -> list[str]:
     """k resid_post points evenly spaced over depth, plus 'embed'."""
     return ["embed", *model.spaced_points(k)]
@@ -69,11 +97,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import xlens_align as xa
 
     t0 = time.time()
+    corpus = xa.corpus.load(args.corpus, seed=0)  # first: a too-small corpus is refused before any work
+    for opt, have, want in (
+        ("--n-train", corpus.train, args.n_train),
+        ("--n-held", corpus.held_out, args.n_held),
+    ):
+        if len(have) < want:
+            _refuse(f"{opt} {want}: corpus {args.corpus!r} has only {len(have)} such passages")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
-    _log(f"== models ({'tiny random-init Llama + Mistral' if args.tiny else f'A={args.a}, B={args.b}'})")
-    pair = _load_pair(args)
+    models = (
+        f"tiny random-init Llama + Mistral ({args.device}, {args.dtype})"
+        if args.tiny
+        else f"A={args.a}, B={args.b}"
+    )
+    _log(f"== models ({models})")
+    pair = _tiny_pair(args) if args.tiny else _load_pair(args)
     for side, m in (("A", pair.a), ("B", pair.b)):
         _log(f"{side}: {m!r}")
         _log(
@@ -82,7 +122,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report["forward_check"] = _forward_check(pair)
 
     _log("\n== text and alignment")
-    corpus = xa.corpus.load(args.corpus, seed=0)
     train = [t[: args.max_chars] for t in corpus.train[: args.n_train]]
     held = [t[: args.max_chars] for t in corpus.held_out[: args.n_held]]
     cov = pair.align(train).coverage()
@@ -97,6 +136,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "\n== paired activations (one streamed pass per split; drop_first=1: the first text token, where massive activations sit, is left out)"
     )
     pts_a, pts_b = _spaced(pair.a, args.points), _spaced(pair.b, args.points)
+    for side, m, pts in (("A", pair.a, pts_a), ("B", pair.b, pts_b)):
+        if len(pts) < args.points + 1:
+            _log(
+                f"note: --points {args.points} > model {side}'s {m.n_layers} blocks: {len(pts) - 1} points used"
+            )
     kw = dict(batch_size=args.batch_size, progress=not args.no_progress, drop_first=1)
     tr = list(xa.collect(pair, train, pts_a, pts_b, **kw))
     ho = list(xa.collect(pair, held, pts_a, pts_b, **kw))
@@ -194,6 +238,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse(msg: str) -> None:
+    """Exit 2 with `msg`, the way argparse reports a bad option."""
+    print(f"xlens-align demo: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     p = argparse.ArgumentParser(
@@ -201,21 +251,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run the main job on the embedded default models and text")
-    d.add_argument("--a", default="smollm2-135m", help="model A (packaged name, path or hub id)")
-    d.add_argument("--b", default="gemma3-270m", help="model B (packaged name, path or hub id)")
-    d.add_argument("--tiny", action="store_true", help="use tiny random-init Llama/Mistral instead (fast)")
+    d.add_argument("--a", help="model A (packaged name, path or hub id; default smollm2-135m)")
+    d.add_argument("--b", help="model B (packaged name, path or hub id; default gemma3-270m)")
+    d.add_argument(
+        "--tiny", action="store_true", help="use tiny random-init Llama/Mistral instead of --a/--b (fast)"
+    )
     d.add_argument("--corpus", default="pydoc", help="corpus spec for xlens_align.corpus.load")
-    d.add_argument("--n-train", type=int, default=48)
-    d.add_argument("--n-held", type=int, default=16)
-    d.add_argument("--max-chars", type=int, default=400, help="passages are cut to this many characters")
-    d.add_argument("--points", type=int, default=6, help="resid_post points per model in the grids")
-    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--n-train", type=_at_least(1), default=48, help="training passages (>= 1)")
+    d.add_argument("--n-held", type=_at_least(1), default=16, help="held-out passages (>= 1)")
+    d.add_argument(
+        "--max-chars", type=_at_least(1), default=400, help="passages are cut to this many characters (>= 1)"
+    )
+    d.add_argument(
+        "--points", type=_at_least(2), default=6, help="resid_post points per model in the grids (>= 2)"
+    )
+    d.add_argument("--batch-size", type=_at_least(1), default=8, help="texts per forward pass (>= 1)")
     d.add_argument("--device", default="cpu")
     d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     d.add_argument("--out", default="out/demo", help="folder for the report and heatmaps")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
     args = p.parse_args(argv)
+    if args.tiny and (args.a is not None or args.b is not None):
+        d.error("--tiny runs the tiny random-init models: it cannot be combined with --a or --b")
+    args.a = "smollm2-135m" if args.a is None else args.a
+    args.b = "gemma3-270m" if args.b is None else args.b
     return int(args.func(args))
 
 

@@ -315,7 +315,13 @@ class StatsGrid:
 
     def __getitem__(self, key: tuple[str, str]) -> CrossStats:
         if key not in self.cross:
-            raise KeyError(f"no statistics for pair {key!r}; accumulated pairs: {self.pairs[:6]}...")
+            if self.n == 0 and key in self.pairs:
+                raise ValueError(
+                    f"no statistics for pair {key!r}: the grid holds 0 rows (every update was empty, e.g. "
+                    "the row filters dropped every row); nothing can be fitted or compared"
+                )
+            more = f" (and {len(self.pairs) - 6} more)" if len(self.pairs) > 6 else ""
+            raise KeyError(f"pair {key!r} is not among the grid's pairs {self.pairs[:6]}{more}")
         a, b = key
         ma, mb = self.moments_a[a], self.moments_b[b]
         # a snapshot: later updates of the grid (in place) and merges into the result stay apart

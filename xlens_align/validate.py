@@ -82,7 +82,22 @@ def check_texts(texts: Any, name: str = "texts") -> list[str]:
             raise TypeError(f"{name}[{i}] must be a str, got {type(t).__name__}")
         if not t:
             raise ValueError(f"{name}[{i}] is an empty string; every text needs at least one character")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            _unencodable(name, i, t, e.start)
     return texts
+
+
+def _unencodable(name: str, i: int, text: str, at: int) -> None:
+    """Raise the ValueError for a text holding a character UTF-8 cannot encode (a lone surrogate)."""
+    cp = ord(text[at])
+    kind = "a lone surrogate" if 0xD800 <= cp <= 0xDFFF else "a character UTF-8 cannot encode"
+    raise ValueError(
+        f"{name}[{i}] holds {kind}, U+{cp:04X}, at character {at} ({text[max(0, at - 20) : at]!r} before it); "
+        "tokenizers need valid Unicode: fix the source, or clean the text with "
+        "text.encode('utf-8', 'replace').decode('utf-8')"
+    )
 
 
 def check_finite(x: Tensor, name: str) -> None:

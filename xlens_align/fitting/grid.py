@@ -143,7 +143,13 @@ def fit_grid(
     )  # fmt: skip
     names = [(s.name, t.name) for s, t in wanted]
     grid = accumulate(pair, train_texts, src, tgt, pairs=names, **kw)
-    val_grid = accumulate(pair, check_texts(val_texts, "val_texts"), src, tgt, pairs=names, **kw) if cv else None
+    val_grid = None
+    if cv:
+        val_texts = check_texts(val_texts, "val_texts")
+        try:
+            val_grid = accumulate(pair, val_texts, src, tgt, pairs=names, **kw)
+        except ValueError as e:  # collect's messages say "texts": these are the validation texts
+            raise ValueError(f"val_texts (statistics that choose alpha): {e}") from None
     out: dict[tuple[str, str], AlignmentMap] = {}
     for (s, t), key in zip(wanted, names, strict=True):
         m = type(proto)(**proto.get_params())
@@ -170,12 +176,15 @@ def fit_maps(
     """Fit ``fns[(s, t)]`` on the paired rows (policy "last", filtered by `rows`) of `texts`: each
     value is a map class (fit as ``cls().fit(X, Y)``) or a function ``fit(X, Y) -> map``. One
     streamed pass collects every source and target; fitted `AlignmentMap`s are bound (provenance)."""
-    data = collect_all(
-        pair, check_texts(texts, "fit_texts"), list(dict.fromkeys(s for s, _ in fns)),
-        list(dict.fromkeys(t for _, t in fns)), batch_size=batch_size, policy="last",
-        drop_first=rows.drop_first, massive=rows.massive, clamp=rows.clamp, max_length=max_length,
-        overflow=overflow, progress=progress,
-    )  # fmt: skip
+    texts = check_texts(texts, "fit_texts")
+    try:
+        data = collect_all(
+            pair, texts, list(dict.fromkeys(s for s, _ in fns)), list(dict.fromkeys(t for _, t in fns)),
+            batch_size=batch_size, policy="last", drop_first=rows.drop_first, massive=rows.massive,
+            clamp=rows.clamp, max_length=max_length, overflow=overflow, progress=progress,
+        )  # fmt: skip
+    except ValueError as e:  # collect's messages say "texts": these are the texts the maps are fit on
+        raise ValueError(f"fit_texts (rows the maps are fit on): {e}") from None
     fitted = {}
     for (s, t), fn in fns.items():
         X, Y = data.a[s.name], data.b[t.name]

@@ -32,9 +32,22 @@ def as_matrix(x: Any, name: str) -> Float[Tensor, "n d"]:
 
 
 def as_pair(X: Any, Y: Any, min_n: int, what: str) -> tuple[Float[Tensor, "n dx"], Float[Tensor, "n dy"]]:
-    """`validate.check_pair` (paired rows, n >= `min_n`, Y on X's device), both in float64."""
+    """`validate.check_pair` (paired rows, n >= `min_n`, Y on X's device), both in float64 and
+    rescaled by `scaled64` (every measure here is invariant to scaling an input)."""
     x, y = check_pair(X, Y, min_rows=min_n, what=what)
-    return x.to(torch.float64), y.to(torch.float64)
+    return scaled64(x), scaled64(y)
+
+
+def scaled64(x: Tensor) -> Float[Tensor, "n d"]:
+    """`x` in float64, times the power of two that brings its largest |value| into [0.5, 1).
+
+    For the scale-invariant measures: values near 1e200 would overflow their squares and values
+    near 1e-200 underflow them; a power of two rescales exactly (no rounding)."""
+    x = x.to(torch.float64)
+    top = x.abs().max() if x.numel() else x.new_zeros(())
+    if not 0.0 < float(top) < float("inf"):
+        return x
+    return torch.ldexp(x, -torch.frexp(top).exponent)
 
 
 def same_rows(tensors: Iterable[Tensor], what: str) -> int:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import cca as _cca
 from . import geometry as _geo
-from ._util import DegenerateInputWarning, rank_eps
+from ._util import DegenerateInputWarning, rank_eps, scaled64
 from .cka import _pair_dot, _prep_rbf, cka
 
 __all__ = ["MEASURES", "AllRows", "all_pairs", "pure_function", "resolve_measure"]
@@ -130,12 +130,12 @@ def all_pairs(
         raise ValueError(f"measure {name!r} needs at least {spec.min_n} rows, got {n}")
     if name == "mutual_knn":
         _geo._check_knn(n, kw.get("k", 10), kw.get("metric", "cosine"))
-    prep_b = {p: spec.prep(xb[p].to(torch.float64), xb[p], p, **kw) for p in pb}
+    prep_b = {p: spec.prep(scaled64(xb[p]), xb[p], p, **kw) for p in pb}
     degenerate = [f"B:{p}" for p, v in prep_b.items() if v is None]
     out = torch.full((len(pa), len(pb)), math.nan, dtype=torch.float64)
     bar = tqdm(total=len(pa) * len(pb), desc="similarity grid", disable=not progress)
     for i, p in enumerate(pa):
-        prep_a = spec.prep(xa[p].to(torch.float64), xa[p], p, **kw)
+        prep_a = spec.prep(scaled64(xa[p]), xa[p], p, **kw)
         if prep_a is None:
             degenerate.append(f"A:{p}")
         with warnings.catch_warnings():  # reported once per point below

@@ -20,6 +20,7 @@ from xlens_align.rows import RowFilter, merge_counts
 from xlens_align.stats import StatsGrid
 from xlens_align.validate import nonneg_int
 
+from ._util import SmallSampleWarning
 from .cka import cka_grid_from_stats
 from .grid import Grid
 from .grid_controls import cell_controls
@@ -28,7 +29,7 @@ from .measures import MEASURES, all_pairs, resolve_measure
 from .rowstore import RowStore
 from .streaming import MinibatchCKA
 
-__all__ = ["MEASURES", "grid_from_batches", "layer_grid"]
+__all__ = ["MEASURES", "MIN_GRID_ROWS", "grid_from_batches", "layer_grid"]
 
 
 def _stats_grid(pa: list[str], pb: list[str], a: dict[str, Tensor], b: dict[str, Tensor]) -> StatsGrid:
@@ -104,6 +105,7 @@ def grid_from_batches(
         pa = list(a_raw) if pa is None else pa
         pb = list(b_raw) if pb is None else pb
         a, b = enter(a_raw, pa, "a", rows.clamp), enter(b_raw, pb, "b", rows.clamp)
+        d_max = max(t.shape[1] for t in (*a.values(), *b.values()))
         a, b, n, counts = filter_rows(a, b, rows)
         merge_counts(filtered, getattr(batch, "filtered", None) or {})
         merge_counts(filtered, counts)
@@ -126,10 +128,8 @@ def grid_from_batches(
             stats.update(a, b)
     if pa is None or pb is None:
         raise ValueError("no batches: the source yielded nothing")
-    if rows_in == 0:
-        raise ValueError(
-            f"no rows left to compare ({rows_seen} seen, all removed by the row filters {filtered})"
-        )
+    need = 4 if name == "cka" else (spec.min_n if spec is not None else 2)
+    _check_rows(name, need, rows_in, filtered)
 
     extra: dict[str, Any] = {"rows": rows.describe(), "filtered": filtered, "rows_seen": rows_seen}
     if acc is not None:
@@ -147,6 +147,7 @@ def grid_from_batches(
         values = all_pairs(name, spec, xa, xb, pa, pb, kw, progress)
         n_tokens = next(iter(xa.values())).shape[0]
         extra.update(max_rows=max_rows, subsampled=store.subsampled)
+    _warn_few_rows(name, n_tokens, d_max)
     if kw:
         extra["measure_kw"] = kw
     if sample is not None:
@@ -166,6 +167,44 @@ def grid_from_batches(
             )
         )
     return Grid(values, pa, pb, name, n_tokens, model_a=model_a, model_b=model_b, extra=extra)
+
+
+#: fewest rows a grid should rest on: debiased CKA of unrelated points scatters by about +-1.4/n
+#: (+-0.05 at 32 rows, +-0.2 and often negative at 7)
+MIN_GRID_ROWS = 32
+
+
+def _check_rows(name: str, need: int, n: int, filtered: dict[str, int]) -> None:
+    """ValueError when fewer than `need` aligned rows reached a grid of measure `name`: how many
+    there are, how many the measure needs, and what the row filters took."""
+    if n >= need:
+        return
+    total = n + sum(v for k, v in filtered.items() if k != "bos")
+    why = []
+    if filtered.get("drop_first"):
+        why.append(f"drop_first removed {filtered['drop_first']} chunks that start near their text's start")
+    if filtered.get("massive"):
+        why.append(f"massive removed {filtered['massive']} rows with a norm far above the batch median")
+    took = f" of {total} ({'; '.join(why)})" if why else ""
+    raise ValueError(
+        f"a {name!r} grid needs at least {need} aligned rows, got {n}{took}; filtered: {filtered}. "
+        "Pass more or longer texts" + (", or loosen the row filters" if why else "")
+    )
+
+
+def _warn_few_rows(name: str, n: int, d: int) -> None:
+    """SmallSampleWarning when the grid rests on too few rows for its estimator."""
+    need, why = MIN_GRID_ROWS, "estimates on so few rows are dominated by noise"
+    if name == "cka":
+        why = f"debiased CKA of unrelated points scatters by about +-{1.4 / n:.2f} here and can be negative"
+    elif name == "cka_feature" and n < d:
+        need, why = d, f"biased CKA with fewer rows than the d={d} features is inflated towards 1"
+    if n < need:
+        warnings.warn(
+            f"the {name!r} grid rests on n={n} rows; it needs at least {need} ({why}); pass more or longer texts",
+            SmallSampleWarning,
+            stacklevel=3,
+        )
 
 
 def _default_points(model: Any) -> list[str]:
