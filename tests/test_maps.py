@@ -523,7 +523,7 @@ def test_load_refuses_bad_files(tmp_path):
     raw = good.read_bytes()
     trunc = tmp_path / "trunc.safetensors"
     trunc.write_bytes(raw[: len(raw) - 40])
-    with pytest.raises(ValueError, match="corrupted or truncated"):
+    with pytest.raises(ValueError, match="is truncated or corrupt"):
         load(trunc)
     short = tmp_path / "short.safetensors"
     short.write_bytes(raw[:100])

@@ -44,17 +44,9 @@ __all__ = [
     "regression_scores",
 ]
 
-PROVENANCE_KEYS = (
-    "source",
-    "target",
-    "model_id_a",
-    "config_hash_a",
-    "model_id_b",
-    "config_hash_b",
-    "alignment",
-    "positions",
-    "bridge_mode",
-    "library_version",
+PROVENANCE_KEYS = tuple(
+    "source target model_id_a config_hash_a model_id_b config_hash_b alignment positions bridge_mode "
+    "library_version".split()
 )
 
 
@@ -341,6 +333,16 @@ class AlignmentMap:
         return tensors, scalars
 
     def _load_state(self, tensors: Mapping[str, Tensor], scalars: Mapping[str, Any]) -> None:
+        for k, v in scalars.items():
+            setattr(self, k, v)  # preprocessors and modules are placeholders until rebuilt below
+        marked = {
+            tag: {k: v[tag] for k, v in scalars.items() if isinstance(v, dict) and tag in v}
+            for tag in ("__preprocessor__", "__module__")
+        }
+        preps, modules = marked["__preprocessor__"], {k: self._build_module(k) for k in marked["__module__"]}
+        shapes = {f"{k}.{n}": tuple(t.shape) for k, m in modules.items() for n, t in m.state_dict().items()}
+        shapes.update(self._tensor_shapes())
+        io.check_map_tensors(tensors, shapes, preps, self.kind, self.d_in_, self.d_out_)
         groups: dict[str, dict[str, Tensor]] = {}
         for name, t in tensors.items():
             head, _, rest = name.partition(".")
@@ -348,21 +350,18 @@ class AlignmentMap:
                 groups.setdefault(head, {})[rest] = t
             else:
                 setattr(self, head, t)
-        for k, v in scalars.items():
-            if isinstance(v, dict) and "__preprocessor__" in v:
-                v = Preprocessor.from_state(groups.pop(k, {}), v["__preprocessor__"])
-            setattr(self, k, v)  # a module's entry is a placeholder until it is built below
-        for k, v in scalars.items():
-            if isinstance(v, dict) and "__module__" in v:
-                state = groups.pop(k, {})
-                module = self._build_module(k)
-                if state:  # built on the CPU: follow the tensors to the device `load` was given
-                    module.to(next(iter(state.values())).device)
-                module.load_state_dict(state, strict=True)
-                module.eval()
-                setattr(self, k, module)
-        if groups:
-            raise ValueError(f"unexpected tensor groups in map state: {sorted(groups)}")
+        for k, cfg in preps.items():
+            setattr(self, k, Preprocessor.from_state(groups.get(k, {}), cfg))
+        for k, module in modules.items():
+            state = groups.get(k, {})
+            if state:  # built on the CPU: follow the tensors to the device `load` was given
+                module.to(next(iter(state.values())).device)
+            module.load_state_dict(state, strict=True)
+            setattr(self, k, module.eval())
+
+    def _tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of each plain fitted tensor of the kind (`load` checks them and the rest)."""
+        return {}
 
     def _build_module(self, name: str) -> nn.Module:
         raise ValueError(f"{type(self).__name__} cannot rebuild module attribute {name!r}")
@@ -389,7 +388,9 @@ def load(
     try:
         m = cls(**cls._params_from_json(meta["params"], tensors))
         m._load_state(tensors, meta["state"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except io.MapContentError as e:
+        raise ValueError(f"{path}: {e}") from None
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(
             f"{path}: cannot rebuild the {kind!r} map from its contents ({type(e).__name__}: {e})"
         ) from e

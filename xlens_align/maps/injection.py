@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from xlens_align.maps.base import AlignmentMap, _jsonable, register, registry
+from xlens_align.maps.io import MapContentError
 from xlens_align.maps.preprocess import rename_legacy_params
 from xlens_align.stats import CrossStats
 
@@ -184,7 +185,10 @@ class EmbeddingInjection(AlignmentMap):
         if cls is None:
             raise ValueError(f"unknown base map kind {info['__map__']!r}")
         m = cls(**cls._params_from_json(info["params"], sub))
-        m._load_state(sub, info["state"])
+        try:
+            m._load_state(sub, info["state"])
+        except MapContentError as e:
+            raise MapContentError(f"base_map_ (its tensors are named 'base_map_.<name>'): {e}") from None
         self.base_map_ = m
         for k, v in scalars.items():
             if k != "base_map_":

@@ -36,11 +36,15 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from xlens_align.files import atomic_path
+from xlens_align.maps.preprocess import Preprocessor
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "MapContentError",
     "check_model",
+    "check_map_tensors",
+    "corrupt",
     "model_identity",
     "read_metadata",
     "read_tensors",
@@ -80,6 +84,16 @@ def write_map_file(
     return path
 
 
+class MapContentError(ValueError):
+    """A map file's tensors do not fit its kind (missing, unexpected or of the wrong shape);
+    `load` adds the path."""
+
+
+def corrupt(path: Path, detail: str) -> ValueError:
+    """The one wording for a file that cannot be read: ``<path> is truncated or corrupt: <detail>``."""
+    return ValueError(f"{path} is truncated or corrupt: {detail}")
+
+
 def _sniff(path: Path) -> None:
     """Refuse anything that does not start like a safetensors file, without deserialising it.
 
@@ -101,13 +115,10 @@ def _sniff(path: Path) -> None:
     if head[:1] == b"\x80":
         raise ValueError(f"{path} is a Python pickle, not a safetensors map file; refusing to unpickle it")
     if len(head) < 8:
-        raise ValueError(f"{path} is not a safetensors map file: only {size} bytes")
+        raise corrupt(path, f"only {size} bytes, too short for a safetensors map file")
     if n == 0 or n > _MAX_HEADER or n > size - 8:
-        raise ValueError(
-            f"{path} is not a safetensors map file, or it is truncated: header length {n} "
-            f"does not fit in the file's {size} bytes"
-        )
-    raise ValueError(f"{path} is not a safetensors map file (its header is not JSON)")
+        raise corrupt(path, f"its safetensors header length {n} does not fit in the file's {size} bytes")
+    raise corrupt(path, "its safetensors header is not JSON")
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -120,7 +131,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for bad headers / short files
-        raise ValueError(f"{path} is a corrupted or truncated safetensors file: {e}") from None
+        raise corrupt(path, f"safetensors cannot read it ({e})") from None
     if raw.get("format") != FORMAT:
         raise ValueError(
             f"{path} is a safetensors file but not an xlens_align map file (no format={FORMAT!r} metadata)"
@@ -142,19 +153,59 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         try:
             meta[key] = json.loads(raw[key])
         except (KeyError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is a corrupted map file: bad {key!r} metadata ({e})") from None
+            raise corrupt(path, f"bad {key!r} metadata ({type(e).__name__}: {e})") from None
         if not isinstance(meta[key], dict):
-            raise ValueError(f"{path} is a corrupted map file: {key!r} metadata is not a JSON object")
+            raise corrupt(path, f"its {key!r} metadata is not a JSON object")
     return meta
 
 
 def read_tensors(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """All tensors of a map file (whose metadata `read_metadata` has already checked)."""
+    """All tensors of a map file (whose metadata `read_metadata` has already checked); every
+    floating tensor must be finite (ValueError naming the tensor otherwise)."""
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except Exception as e:
-        raise ValueError(f"{path} is a corrupted or truncated safetensors file: {e}") from None
+        raise corrupt(Path(path), f"safetensors cannot read its tensors ({e})") from None
+    for name, t in tensors.items():
+        if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(
+                f"{path}: tensor {name!r} holds {bad} non-finite value(s) (NaN/inf) of {t.numel()}; "
+                "the file is damaged or the map diverged: refit it and save it again"
+            )
+    return tensors
+
+
+def check_map_tensors(
+    tensors: Mapping[str, Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+    preprocessors: Mapping[str, Mapping[str, Any]],
+    kind: str,
+    d_in: int,
+    d_out: int,
+) -> None:
+    """A loaded map's tensors against its kind's expectations: every tensor of `shapes` (name ->
+    shape) and of the `preprocessors` (attribute -> saved config; ``prep_x_`` has `d_in` dims,
+    ``prep_y_`` `d_out`) present with its shape, nothing else; `MapContentError` naming the
+    tensor otherwise."""
+    what = f"the {kind!r} map with d_in={d_in}, d_out={d_out}"
+    need: dict[str, tuple[int, ...] | None] = dict(shapes)
+    optional: dict[str, tuple[int, ...] | None] = {}
+    for k, cfg in preprocessors.items():
+        req, opt = Preprocessor.tensor_shapes(cfg, {"prep_x_": d_in, "prep_y_": d_out}.get(k))
+        need.update({f"{k}.{n}": shape for n, shape in req.items()})
+        optional.update({f"{k}.{n}": shape for n, shape in opt.items()})
+    missing = sorted(n for n in need if n not in tensors)
+    if missing:
+        raise MapContentError(f"{what} needs tensor(s) {missing}, missing from the file")
+    unknown = sorted(n for n in tensors if n not in need and n not in optional)
+    if unknown:
+        raise MapContentError(f"tensor(s) {unknown} are not part of {what} (expected {sorted(need)})")
+    for name, t in tensors.items():
+        shape = need[name] if name in need else optional[name]
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise MapContentError(f"tensor {name!r} has shape {list(t.shape)}; {what} needs {list(shape)}")
 
 
 def model_identity(model: Any, side: str) -> tuple[Any, Any]:

@@ -84,6 +84,10 @@ class LinearMap(PreprocessingParams, AlignmentMap):
     def _check_params(self, d_in: int, d_out: int) -> None:
         """Validate hyper-parameters against the data's dimensions (subclasses extend)."""
 
+    def _tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        d_in, d_out = self.d_in_, self.d_out_
+        return {"coef_": (d_in, d_out), "weight_": (d_in, d_out), "bias_": (d_out,)}
+
     def _solve(self, p: Prepared) -> Float[Tensor, "d_in d_out"]:
         raise NotImplementedError
 
@@ -141,6 +145,9 @@ class Procrustes(LinearMap):
     ) -> None:
         self.scale = scale
         self._set_preprocessing(preprocessing)
+
+    def _tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {**super()._tensor_shapes(), "rotation_": (self.d_in_, self.d_out_)}
 
     def _solve(self, p: Prepared) -> Tensor:
         u, s, vh = torch.linalg.svd(p.sxy, full_matrices=False)
@@ -298,6 +305,10 @@ class LowRank(LinearMap):
         _bounded_int(self.rank, "rank", min(d_in, d_out), "min(d_in, d_out)")
         nonneg_float(self.alpha, "alpha")
 
+    def _tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        r = self.rank
+        return {**super()._tensor_shapes(), "components_": (self.d_out_, r), "singular_values_": (r,)}
+
     def _solve(self, p: Prepared) -> Tensor:
         self.alpha_ = float(self.alpha)
         coef = ridge_coef(p.sxx, p.sxy, p.n, self.alpha_)
@@ -340,6 +351,15 @@ class CCA(LinearMap):
     def _check_params(self, d_in: int, d_out: int) -> None:
         _bounded_int(self.k, "k", min(d_in, d_out), "min(d_in, d_out)")
         nonneg_float(self.reg, "reg")
+
+    def _tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        k, shapes = self.k, super()._tensor_shapes()
+        return {
+            **shapes,
+            "correlations_": (k,),
+            "x_weights_": (self.d_in_, k),
+            "y_weights_": (self.d_out_, k),
+        }
 
     def _regularised(self, s: Tensor, n: int) -> Tensor:
         c = s / n

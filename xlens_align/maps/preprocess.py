@@ -223,6 +223,17 @@ class Preprocessor:
             raise ValueError(f"preprocessing state for mode {p.mode!r} lacks {missing}")
         return p
 
+    @staticmethod
+    def tensor_shapes(config: Mapping[str, Any], d: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(required, optional) tensor name -> shape of a saved preprocessor of `config` on `d` dims
+        (None: shapes unknown, only names checked); older files' ``clamp_*`` names are optional too."""
+        vec, mat = (d,) if d is not None else None, (d, d) if d is not None else None
+        mode = config.get("mode", "none")
+        need = {"offset": vec, **({"scale": vec} if mode == "standardize" else {})}
+        if mode == "whiten":
+            need.update(whitener=mat, unwhitener=mat)
+        return need, {name: vec for name in ("winsor_lo", "winsor_hi", *_LEGACY_TENSORS)}
+
     def __repr__(self) -> str:
         winsor = ", winsorize" if self.winsor_lo is not None else ""
         return f"Preprocessor(center={self.center}, mode={self.mode!r}{winsor})"
