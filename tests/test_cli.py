@@ -95,14 +95,20 @@ def test_demo_tiny_honours_device_and_dtype(monkeypatch, tmp_path):
     assert seen["device"] == "cpu" and seen["dtype"] == "bfloat16"
 
 
-def test_tiny_pair_is_built_in_the_requested_dtype():
+def test_tiny_pair_passes_device_and_dtype_to_the_tiny_models(monkeypatch):
     import argparse
 
     import torch
 
-    pair = cli._tiny_pair(argparse.Namespace(device="cpu", dtype="bfloat16"))
-    for m in (pair.a, pair.b):
-        assert {p.dtype for p in m.hf_model.parameters()} == {torch.bfloat16}
+    import xlens_align as xa
+
+    calls = []
+    monkeypatch.setattr(xa.testing, "tiny_llama", lambda **kw: calls.append(("llama", kw)) or "A")
+    monkeypatch.setattr(xa.testing, "tiny_mistral", lambda **kw: calls.append(("mistral", kw)) or "B")
+    monkeypatch.setattr(xa, "ModelPair", lambda a, b: (a, b))
+    assert cli._tiny_pair(argparse.Namespace(device="cuda:1", dtype="bfloat16")) == ("A", "B")
+    assert [name for name, _ in calls] == ["llama", "mistral"]
+    assert all(kw["device"] == "cuda:1" and kw["dtype"] is torch.bfloat16 for _, kw in calls)
 
 
 def test_demo_refuses_more_passages_than_the_corpus_has(monkeypatch, capsys, tmp_path):
