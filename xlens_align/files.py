@@ -28,13 +28,26 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     ...     save_file(tensors, tmp)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a directory; give a file name inside it")
+    blocker = next((p for p in path.parents if p.exists() or p.is_symlink()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise NotADirectoryError(f"cannot write {path}: {blocker} is a file, not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # say which file could not be written, not the hidden temporary one
+        raise type(e)(
+            f"cannot write {path}: cannot create a file in {path.parent} ({e.strerror or e})"
+        ) from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file owner-only; published files get the usual mode
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise type(e)(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

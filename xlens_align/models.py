@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .loading import load_hf, tokenizer_dir
+from .loading import check_device, load_hf, tokenizer_dir
 from .points import Point, all_points, forward_stop, parse_point, spaced_points
 from .points import point_at_depth as _point_at_depth
 from .tokens import AlignedBatch, align
@@ -50,7 +50,7 @@ class LensModel:
     """A `TransformerBridge` plus tokenizer with uniform residual points.
 
     Attributes: `bridge`, `tokenizer`, `tokenizer_path`, `family`, `name`, `model_id`,
-    `config_hash`, `d_model`, `n_layers`, `n_ctx`, `points`, `device`, `dtype`, `bridge_mode`.
+    `config_hash`, `d_model`, `n_layers`, `n_ctx`, `vocab_size`, `points`, `device`, `dtype`, `bridge_mode`.
     """
 
     def __init__(self, bridge: Any, tokenizer: Any, tokenizer_path: str | Path, name: str) -> None:
@@ -68,6 +68,7 @@ class LensModel:
         self.sliding_window: int | None = getattr(text_cfg, "sliding_window", None)
         self.points: list[str] = all_points(self.n_layers)
         self.config_hash: str = config_hash(hf_config)
+        self.vocab_size: int = int(self.hf_model.get_input_embeddings().num_embeddings)
         self.bridge_mode = "compat" if getattr(bridge, "compatibility_mode", False) else "hf"
 
     # -- identity --------------------------------------------------------------------------------
@@ -147,8 +148,34 @@ class LensModel:
         Autograd flows through the pass and through the hooks (e.g. to train what a hook adds)."""
         hooks = [(self._hook(n), f) for n, f in fwd_hooks]
         return self.bridge.run_with_hooks(
-            input_ids, fwd_hooks=hooks, **_forward_kwargs(input_ids, attention_mask)
+            input_ids, fwd_hooks=hooks, **self._forward_kwargs(input_ids, attention_mask)
         )
+
+    def _forward_kwargs(self, input_ids: Tensor, attention_mask: Tensor | None) -> dict[str, Any]:
+        """Checked input ids (ids outside the vocabulary named, at one min/max per batch) and the
+        bridge's keyword arguments."""
+        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
+            raise ValueError(
+                f"input_ids must be a [batch, pos] LongTensor, got {getattr(input_ids, 'shape', input_ids)}"
+            )
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.numel():
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(
+                    f"input_ids hold token id {lo if lo < 0 else hi}, outside the vocabulary of model "
+                    f"{self.name!r} (ids 0..{self.vocab_size - 1}, vocabulary size {self.vocab_size}); they do not "
+                    f"come from its tokenizer {str(self.tokenizer_path)!r}: tokenize with model.to_tokens"
+                )
+        kw: dict[str, Any] = {}
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+                )
+            kw["attention_mask"] = attention_mask
+        return kw
 
     def _hook(self, name: str | Point) -> str:
         """Accept a point (name or `Point`) or a raw TransformerLens hook name."""
@@ -199,7 +226,7 @@ class LensModel:
 
         hooks = [(self._hook(n), f) for n, f in fwd_hooks]
         hooks += [(h, capture(h)) for h in by_hook]
-        kw = _forward_kwargs(input_ids, attention_mask)
+        kw = self._forward_kwargs(input_ids, attention_mask)
         logits = None
         try:
             out = self.bridge.run_with_hooks(input_ids, fwd_hooks=hooks, stop_at_layer=stop_at, **kw)
@@ -210,21 +237,6 @@ class LensModel:
         if missing:
             raise RuntimeError(f"the forward pass did not reach points {missing} (hooks never fired)")
         return logits, {p: store[p] for p in points}
-
-
-def _forward_kwargs(input_ids: Tensor, attention_mask: Tensor | None) -> dict[str, Any]:
-    if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
-        raise ValueError(
-            f"input_ids must be a [batch, pos] LongTensor, got {getattr(input_ids, 'shape', input_ids)}"
-        )
-    kw: dict[str, Any] = {}
-    if attention_mask is not None:
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
-            )
-        kw["attention_mask"] = attention_mask
-    return kw
 
 
 def point_at_depth(model: LensModel, fraction: float, kind: str = "resid_post") -> str:
@@ -275,7 +287,10 @@ def load_model(
     """
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
-    device = torch.device(device)
+    device = check_device(device)  # before any weight is read
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tok_path = None if tokenizer is None else tokenizer_dir(tokenizer)
+    tok = None if tok_path is None else _load_tokenizer(tok_path)  # a bad tokenizer fails before the weights
     if isinstance(source, torch.nn.Module):
         if tokenizer is None:
             raise ValueError(
@@ -284,8 +299,10 @@ def load_model(
         hf_model = source
         model_name = name or getattr(hf_model.config, "_name_or_path", None) or type(hf_model).__name__
     elif isinstance(source, (str, os.PathLike)):
-        hf_model, tok_default, model_name = load_hf(str(source), dtype)
-        tokenizer = tokenizer if tokenizer is not None else tok_default
+        hf_model, tok_default, model_name = load_hf(str(source), dtype, need_tokenizer=tok is None)
+        if tok_path is None:
+            tok_path = tokenizer_dir(tok_default)
+            tok = _load_tokenizer(tok_path)
         model_name = name or model_name
     else:
         raise TypeError(
@@ -295,15 +312,12 @@ def load_model(
     arch = type(hf_model).__name__
     if arch not in SUPPORTED_FAMILIES:
         raise ValueError(f"architecture {arch!r} is not supported; {_supported_message()}")
+    _check_vocab(tok, hf_model, model_name)
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
     if not getattr(hf_model.config, "architectures", None):
         hf_model.config.architectures = [arch]  # the bridge picks its adapter from this field
-    tok_path = tokenizer_dir(tokenizer)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tok_path))
     try:
         bridge = TransformerBridge.boot_transformers(
             str(tok_path), hf_model=hf_model, tokenizer=tok, device=str(device)
@@ -314,19 +328,50 @@ def load_model(
     return LensModel(bridge, tok, tok_path, model_name)
 
 
+def _load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(
+            f"cannot load a tokenizer from {str(path)!r} ({type(e).__name__}: {e}); "
+            "pass tokenizer=<the model's tokenizer directory or object>"
+        ) from e
+
+
+def _check_vocab(tok: Any, hf_model: torch.nn.Module, model_name: str) -> None:
+    """Refuse a tokenizer that can produce ids beyond the model's embedding rows."""
+    rows = int(hf_model.get_input_embeddings().num_embeddings)
+    n_ids = max(len(tok), max(getattr(tok, "added_tokens_decoder", {}) or {}, default=-1) + 1)
+    if n_ids > rows:
+        raise ValueError(
+            f"tokenizer {tok.name_or_path!r} produces token ids up to {n_ids - 1}, but model {model_name!r} "
+            f"has a vocabulary of {rows} (embedding rows): the tokenizer does not match the model; "
+            "pass the model's own tokenizer="
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # pairs
 # ------------------------------------------------------------------------------------------------
 
 
+# what every model of a pair offers (LensModel and remote.RemoteModel)
+_MODEL_ATTRS = ("tokenizer", "points", "point", "n_ctx", "d_model", "run_with_points", "to_tokens")
+
+
 class ModelPair:
-    """Two `LensModel`s compared position by position on the same texts."""
+    """Two models compared position by position on the same texts: `LensModel`s, or anything
+    with their attributes (a `remote.RemoteModel`)."""
 
     def __init__(self, a: LensModel, b: LensModel) -> None:
         for side, m in (("a", a), ("b", b)):
-            if not isinstance(m, LensModel):
+            missing = [k for k in _MODEL_ATTRS if not hasattr(m, k)]
+            if missing:
                 raise TypeError(
-                    f"{side} must be a LensModel (xlens_align.load_model), got {type(m).__name__}"
+                    f"{side} must be a LensModel (xlens_align.load_model) or a remote.RemoteModel, "
+                    f"got {type(m).__name__} (it lacks {missing})"
                 )
         self.a, self.b = a, b
 

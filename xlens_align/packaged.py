@@ -19,10 +19,11 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .files import atomic_path
 
-__all__ = ["PACKAGED", "cache_dir", "gguf_to_cache", "is_gguf", "materialize"]
+__all__ = ["PACKAGED", "cache_dir", "gguf_to_cache", "is_gguf", "load_causal_lm", "materialize"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -113,12 +114,14 @@ def gguf_to_cache(path: str | os.PathLike, dest: Path | None = None) -> Path:
         return dest
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    quantized = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        quantized = load_causal_lm(str(path.parent), torch.float32, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        _raise_if_damaged_gguf(path)
+        raise ValueError(f"transformers cannot load the GGUF file {path}: {type(e).__name__}: {e}") from e
     model = type(quantized)(quantized.config)
     model.load_state_dict(quantized.state_dict())
     del quantized
@@ -133,3 +136,47 @@ def gguf_to_cache(path: str | os.PathLike, dest: Path | None = None) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return dest
+
+
+def _raise_if_damaged_gguf(path: Path) -> None:
+    """After a failed load: "<path> is truncated or corrupt" when the GGUF reader cannot parse the
+    file (a cut file, a bad version, garbage), rather than the reader's `struct.error` or reshape
+    error. Run only on failure: parsing a large file takes seconds."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return
+    try:
+        GGUFReader(str(path))
+    except Exception as e:  # the reader raises struct.error, ValueError, IndexError, ... on damage
+        raise ValueError(
+            f"{path} is truncated or corrupt: the GGUF reader says {type(e).__name__}: {e}"
+        ) from None
+
+
+def load_causal_lm(path: str, dtype: Any, **kwargs: Any) -> Any:
+    """`AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)`, refusing a checkpoint that
+    lacks weights its config needs (transformers initialises those at random and only logs it) or
+    whose weight files are damaged; each error names `path` and the weights."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"checkpoint {path}: a weight file is truncated or corrupt ({e})") from None
+    problems = [f"{k} (missing)" for k in sorted(info.get("missing_keys") or ())]
+    for key, *shapes in sorted(info.get("mismatched_keys") or (), key=str):
+        problems.append(
+            f"{key} (shape {' in the file vs '.join(str(list(s)) for s in shapes)} in the config)"
+        )
+    if problems:
+        more = f" and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise ValueError(
+            f"checkpoint {path} has {len(problems)} weight(s) missing or of the wrong shape for its config: {', '.join(problems[:8])}{more}; "
+            "transformers would initialise them at random, so the model is refused. Check the checkpoint files"
+        )
+    return model

@@ -105,14 +105,16 @@ def _sniff(path: Path) -> None:
     with path.open("rb") as f:
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-        if 0 < n <= min(_MAX_HEADER, size - 8) and f.read(n).lstrip().startswith(b"{"):
-            return
+        first = f.read(min(n, _MAX_HEADER)) if 0 < n <= _MAX_HEADER else b""
+    if 0 < n <= size - 8 and first.lstrip().startswith(b"{"):
+        return
     if head[:4] == b"PK\x03\x04":
         raise ValueError(
             f"{path} is a zip archive (e.g. a torch.save checkpoint with a pickled data.pkl), "
             "not a safetensors map file; refusing to unpickle it"
         )
-    if head[:1] == b"\x80":
+    # a cut map file whose header length happens to start with 0x80 still starts like a map file
+    if head[:1] == b"\x80" and len(head) == 8 and not (n <= _MAX_HEADER and (size == 8 or first[:1] == b"{")):
         raise ValueError(f"{path} is a Python pickle, not a safetensors map file; refusing to unpickle it")
     if len(head) < 8:
         raise corrupt(path, f"only {size} bytes, too short for a safetensors map file")

@@ -7,6 +7,8 @@ share (the `MLP` and `Adapter` initialise from `ridge_coef` too).
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,12 @@ def prepare(stats: CrossStats, px: Preprocessor, py: Preprocessor) -> Prepared:
     sxx = px.mul_left(px.mul_left(sxx).T)
     syy = py.mul_left(py.mul_left(syy).T)
     sxy = px.mul_left(py.mul_left(sxy.T).T)
+    for name, m in (("X", sxx), ("Y", syy), ("X and Y", sxy)):
+        if not bool(torch.isfinite(m).all()):
+            raise ValueError(
+                f"the second moments of {name} overflow float64 (activations of magnitude ~1e150 or more); "
+                "rescale or winsorize them before fitting"
+            )
     return Prepared(n, 0.5 * (sxx + sxx.T), 0.5 * (syy + syy.T), sxy)
 
 
@@ -58,6 +66,11 @@ def ridge_coef(sxx: Tensor, sxy: Tensor, n: int, alpha: float) -> Tensor:
     Cholesky when well conditioned, else a pseudo-inverse through an eigendecomposition
     (minimum-norm least squares when S_xx is singular and alpha = 0).
     """
+    if not math.isfinite(n * alpha):
+        raise ValueError(
+            f"alpha={alpha!r} is too large: n * alpha over n={n} rows overflows float64; "
+            f"use alpha below {sys.float_info.max / max(n, 1):.3g}"
+        )
     a = sxx + (n * alpha) * torch.eye(sxx.shape[0], dtype=sxx.dtype, device=sxx.device)
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:

@@ -1,0 +1,299 @@
+"""Bad files and bad model sources get clear errors naming the path, tensor, argument or device:
+map files (round trip at every header length, damaged tensors, truncated or garbage files, pickles
+never unpickled, unwritable targets), map hyper-parameters, model checkpoints, tokenizers, devices
+and token ids outside the vocabulary."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+import re
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from xlens_align.maps import CCA, MLP, Adapter, Affine, EmbeddingInjection, LowRank, Procrustes, load
+
+
+def _rows(n: int, d: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _header(raw: bytes) -> tuple[int, dict]:
+    n = struct.unpack("<Q", raw[:8])[0]
+    return n, json.loads(raw[8 : 8 + n])
+
+
+def _rewrite(path: Path, out: Path, edit) -> Path:
+    """Copy map file `path` to `out` with its tensors changed by `edit(dict)` (metadata kept)."""
+    _, header = _header(path.read_bytes())
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(out), metadata=header["__metadata__"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    X, Y = _rows(80, 5, 1), _rows(80, 3, 2)
+    return {
+        "affine": Affine(alpha=0.1, standardize=True, winsorize=0.99).fit(X, Y),
+        "procrustes": Procrustes(scale=True, whiten="x").fit(X, Y),
+        "low_rank": LowRank(rank=2).fit(X, Y),
+        "cca": CCA(k=2).fit(X, Y),
+        "mlp": MLP(hidden=8, epochs=1, progress=False).fit(X.float(), Y.float()),
+        "injection": EmbeddingInjection(base="low_rank", base_params={"rank": 2}).fit(X, Y),
+    }
+
+
+# -- round trip: every header length mod 256 -----------------------------------------------------
+@pytest.mark.parametrize("kind", ["affine", "procrustes", "cca", "mlp", "injection"])
+def test_round_trip_over_300_provenance_lengths(fitted, kind, tmp_path):
+    m = fitted[kind]
+    X = _rows(4, 5, 3)
+    want = m.transform(X)
+    residues = set()
+    for length in range(300):
+        m.bind(note="x" * length)
+        path = m.save(tmp_path / "m.safetensors")
+        raw = path.read_bytes()
+        residues.add(_header(raw)[0] % 256)
+        back = load(path)
+        assert back.provenance["note"] == "x" * length
+        assert torch.equal(back.transform(X), want), length
+    # safetensors pads its header to 8 bytes: every reachable length mod 256, 128 (first byte 0x80,
+    # a pickle's mark) included
+    assert residues == set(range(0, 256, 8))
+
+
+def test_every_header_length_mod_256_loads(fitted, tmp_path):
+    """Files from other writers may not pad the header: pad it by hand to every length mod 256."""
+    good = fitted["cca"].save(tmp_path / "good.safetensors")
+    raw = good.read_bytes()
+    n, _ = _header(raw)
+    want = load(good).transform(_rows(3, 5, 4))
+    path = tmp_path / "padded.safetensors"
+    for extra in range(256):
+        head = raw[8 : 8 + n] + b" " * extra
+        path.write_bytes(struct.pack("<Q", len(head)) + head + raw[8 + n :])
+        assert torch.equal(load(path).transform(_rows(3, 5, 4)), want), extra
+
+
+# -- damaged tensors -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [
+        ("affine", "weight_"),
+        ("affine", "prep_x_.winsor_hi"),
+        ("mlp", "net_.skip.weight"),
+        ("cca", "x_weights_"),
+    ],
+)
+def test_non_finite_tensor_is_named(fitted, kind, name, tmp_path):
+    good = fitted[kind].save(tmp_path / "good.safetensors")
+    for bad_value in (float("nan"), float("inf")):
+
+        def poison(t, v=bad_value):
+            t[name] = t[name].clone()
+            t[name].view(-1)[0] = v
+
+        bad = _rewrite(good, tmp_path / "bad.safetensors", poison)
+        with pytest.raises(
+            ValueError, match=rf"^{re.escape(str(bad))}: tensor '{re.escape(name)}' holds 1 non-finite"
+        ):
+            load(bad)
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [
+        ("affine", "bias_"),
+        ("affine", "prep_x_.offset"),
+        ("affine", "prep_y_.scale"),
+        ("procrustes", "rotation_"),
+        ("procrustes", "prep_x_.whitener"),
+        ("low_rank", "components_"),
+        ("mlp", "net_.head.weight"),
+    ],
+)
+def test_missing_tensor_is_named(fitted, kind, name, tmp_path):
+    good = fitted[kind].save(tmp_path / "good.safetensors")
+    bad = _rewrite(good, tmp_path / "bad.safetensors", lambda t: t.pop(name))
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(str(bad))}: .*needs tensor\(s\) \['{re.escape(name)}'\]"
+    ):
+        load(bad)
+
+
+def test_missing_tensor_of_an_injection_base_is_named(fitted, tmp_path):
+    good = fitted["injection"].save(tmp_path / "good.safetensors")
+    bad = _rewrite(good, tmp_path / "bad.safetensors", lambda t: t.pop("base_map_.singular_values_"))
+    with pytest.raises(
+        ValueError, match=r"bad\.safetensors: base_map_ .*'low_rank' map.*\['singular_values_'\]"
+    ):
+        load(bad)
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "shape", "want"),
+    [
+        ("affine", "weight_", (4, 3), [5, 3]),
+        ("affine", "bias_", (3, 1), [3]),
+        ("affine", "prep_x_.offset", (3,), [5]),
+        ("cca", "correlations_", (3,), [2]),
+        ("low_rank", "singular_values_", (5,), [2]),
+        ("mlp", "net_.body.0.weight", (8, 4), [8, 5]),
+    ],
+)
+def test_wrong_shape_is_named(fitted, kind, name, shape, want, tmp_path):
+    good = fitted[kind].save(tmp_path / "good.safetensors")
+
+    def reshape(t):
+        t[name] = torch.zeros(shape, dtype=t[name].dtype)
+
+    bad = _rewrite(good, tmp_path / "bad.safetensors", reshape)
+    msg = rf"^{re.escape(str(bad))}: tensor '{re.escape(name)}' has shape {re.escape(str(list(shape)))}; .*d_in=5, d_out=3 needs {re.escape(str(want))}"
+    with pytest.raises(ValueError, match=msg):
+        load(bad)
+
+
+def test_unexpected_tensor_is_named(fitted, tmp_path):
+    good = fitted["affine"].save(tmp_path / "good.safetensors")
+    bad = _rewrite(good, tmp_path / "bad.safetensors", lambda t: t.update(extra_=torch.zeros(2)))
+    with pytest.raises(
+        ValueError, match=r"bad\.safetensors: tensor\(s\) \['extra_'\] are not part of the 'affine' map"
+    ):
+        load(bad)
+
+
+# -- truncated, garbage, pickles -----------------------------------------------------------------
+def _odd_map(tmp_path: Path) -> Path:
+    """A valid map file whose header length is 128 mod 256 (its first byte is 0x80)."""
+    m = Affine().fit(_rows(20, 3, 4), _rows(20, 2, 5))
+    for length in range(256):
+        path = m.bind(note="y" * length).save(tmp_path / "odd.safetensors")
+        if path.read_bytes()[0] == 0x80:
+            return path
+    raise AssertionError("no header length hit 128 mod 256")
+
+
+def test_every_prefix_of_a_map_file_is_truncated_or_corrupt(tmp_path):
+    raw = _odd_map(tmp_path).read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    for k in range(len(raw)):
+        cut.write_bytes(raw[:k])
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(cut))} is truncated or corrupt: "):
+            load(cut)
+
+
+def test_garbage_files_are_truncated_or_corrupt(tmp_path):
+    rng = random.Random(0)
+    path = tmp_path / "garbage.safetensors"
+    cases = [b"", b"{}", b"\x00" * 8, b"\xff" * 64, struct.pack("<Q", 5) + b"[1,2]"]
+    cases += [struct.pack("<Q", 20) + b'{"a": ' + bytes(rng.randrange(256) for _ in range(14))]
+    cases += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400))) for _ in range(60)]
+    for data in cases:
+        if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":
+            continue
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is truncated or corrupt: "):
+            load(path)
+
+
+class _Trap:
+    """Unpickling this creates a directory: proof that a file was unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_pickles_are_refused_never_unpickled(tmp_path, protocol):
+    marker = tmp_path / "unpickled"
+    path = tmp_path / "trap.safetensors"
+    path.write_bytes(pickle.dumps({"weight_": _Trap(marker)}, protocol=protocol))
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(str(path))} is a Python pickle.*refusing to unpickle"
+    ):
+        load(path)
+    zipped = tmp_path / "zipped.safetensors"
+    torch.save({"weight_": torch.zeros(2)}, zipped)
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(str(zipped))} is a zip archive.*refusing to unpickle"
+    ):
+        load(zipped)
+    assert not marker.exists()
+
+
+# -- saving where nothing can be written ---------------------------------------------------------
+def test_save_reports_the_real_problem_and_path(fitted, tmp_path, monkeypatch):
+    m = fitted["affine"]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(
+        NotADirectoryError,
+        match=rf"cannot write {re.escape(str(blocker))}/sub/m\.st: {re.escape(str(blocker))} is a file",
+    ):
+        m.save(blocker / "sub" / "m.st")
+    with pytest.raises(
+        IsADirectoryError, match=rf"cannot write {re.escape(str(tmp_path))}: it is a directory"
+    ):
+        m.save(tmp_path)
+    import tempfile
+
+    def denied(*args, dir=None, **kwargs):
+        raise PermissionError(13, "Permission denied", str(Path(dir) / ".m.st.x1y2.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    target = tmp_path / "locked" / "m.st"
+    with pytest.raises(
+        PermissionError,
+        match=r"cannot write .*locked/m\.st: cannot create a file in .*locked \(Permission denied\)",
+    ) as err:
+        m.save(target)
+    assert ".tmp" not in str(err.value)
+
+
+# -- hyper-parameters that are not finite or overflow --------------------------------------------
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda v: Affine(alpha=v), "alpha"),
+        (lambda v: Affine(alpha="cv", alphas=(1.0, v)), "each of alphas"),
+        (lambda v: LowRank(rank=2, alpha=v), "alpha"),
+        (lambda v: CCA(k=2, reg=v), "reg"),
+        (lambda v: Affine(whiten=True, whiten_eps=v), "whiten_eps"),
+        (lambda v: MLP(lr=v, progress=False), "lr"),
+        (lambda v: MLP(weight_decay=v, progress=False), "weight_decay"),
+        (lambda v: Adapter(min_delta=v, progress=False), "min_delta"),
+        (lambda v: EmbeddingInjection(base_params={"alpha": v}), "alpha"),
+    ],
+)
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0])
+def test_non_finite_hyper_parameters_are_refused(make, name, value):
+    X, Y = _rows(30, 4, 6), _rows(30, 3, 7)
+    if name == "lr" or not isinstance(make(1.0), MLP | Adapter):
+        X, Y = X.float(), Y.float()
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)} must be a finite number"):
+        make(value).fit(X, Y)
+
+
+def test_overflowing_alpha_and_moments_are_named():
+    X, Y = _rows(30, 4, 8), _rows(30, 3, 9)
+    for m in (Affine(alpha=1e308), LowRank(rank=2, alpha=1e308), Affine(alpha="cv", alphas=(1e308,))):
+        with pytest.raises(
+            ValueError, match=r"^alpha=1e\+308 is too large: n \* alpha over n=\d+ rows overflows"
+        ):
+            m.fit(X, Y)
+    for m in (Affine(), Procrustes(), CCA(k=2)):
+        with pytest.raises(ValueError, match=r"^(X holds|the second moments of X overflow)"):
+            m.fit(X * 1e200, Y)
+        with pytest.raises(ValueError, match=r"^(Y holds|the second moments of Y overflow)"):
+            m.fit(X, Y * 1e200)
