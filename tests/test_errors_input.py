@@ -189,3 +189,72 @@ def test_scaled_copy_is_exact_and_keeps_zero_and_empty_input():
     z = torch.zeros(3, 2)
     assert torch.equal(S._util.scaled64(z), z.double())
     assert S._util.scaled64(torch.zeros(0, 2)).shape == (0, 2)
+
+
+def test_streamed_grids_ignore_the_scale():
+    X, Y = _data(n=96)
+    halves = [({"x": X[:48], "y": Y[:48]}, {"y": Y[:48]}), ({"x": X[48:], "y": Y[48:]}, {"y": Y[48:]})]
+    for measure, kw in (("cka", {"minibatch_size": 48}), ("cka_feature", {})):
+        ref = S.grid_from_batches(halves, measure, **kw).values
+        for c in (1e-200, 1e200):
+            big = [({"x": c * a["x"], "y": a["y"] / c}, b) for a, b in halves]
+            assert S.grid_from_batches(big, measure, **kw).values.flatten().tolist() == pytest.approx(
+                ref.flatten().tolist(), rel=1e-9
+            ), (measure, c)
+    # the streamed value is the pure function's: biased CKA from co-moments, minibatch CKA per half
+    xc, yc = X - X.mean(0), Y - Y.mean(0)
+    biased = float((xc.T @ yc).square().sum() / ((xc.T @ xc).norm() * (yc.T @ yc).norm()))
+    assert S.grid_from_batches(halves, "cka_feature").values[0, 0] == pytest.approx(biased, rel=1e-10)
+    for c in (1e-200, 1e200):  # the accumulator on its own: one fixed factor per point
+        big = S.MinibatchCKA(minibatch_size=40).update(c * X, Y).update(c * X, Y).compute()[0, 0]
+        ref = S.MinibatchCKA(minibatch_size=40).update(X, Y).update(X, Y).compute()[0, 0]
+        assert float(big) == pytest.approx(float(ref), rel=1e-9) and 0.3 < float(ref) < 1.0
+
+
+def test_kernels_rdm_and_neighbours_at_extreme_scales():
+    X, _ = _data(n=30)
+    for c in (1e-200, 1e200):
+        assert torch.allclose(S.gram_rbf(c * X), S.gram_rbf(X), rtol=1e-9, atol=1e-12)
+        assert torch.equal(S.knn_indices(c * X, k=4), S.knn_indices(X, k=4))
+        assert torch.allclose(S.rdm(c * X), S.rdm(X), rtol=1e-9)
+        assert torch.allclose(S.rdm(c * X, "euclidean") / c, S.rdm(X, "euclidean"), rtol=1e-9)
+    assert torch.allclose(S.gram_linear(1e100 * X) / 1e200, S.gram_linear(X), rtol=1e-9)
+    with pytest.raises(
+        ValueError, match=r"gram_linear: X holds values up to [\d.]+e\+200; their products overflow"
+    ):
+        S.gram_linear(1e200 * X)
+
+
+def test_statistics_refuse_values_whose_squares_leave_float64():
+    X, Y = _data(n=10)
+    for c, way in ((1e200, "overflow"), (1e-200, "underflow to 0")):
+        with pytest.raises(
+            ValueError, match=rf"X holds values whose largest \|value\| is .*: their squares {way}"
+        ):
+            xa.stats.CrossStats.from_data(c * X, Y)
+        with pytest.raises(ValueError, match=rf"acts_b\['y'\] holds values .* squares {way}"):
+            xa.stats.StatsGrid(["x"], ["y"]).update({"x": X}, {"y": c * Y})
+
+
+def test_stats_grid_and_grids_check_their_point_lists():
+    X, Y = _data(n=10)
+    with pytest.raises(TypeError, match=r"points_a must be a list, got the single string 'resid_post.1'"):
+        xa.stats.StatsGrid("resid_post.1", ["y"])
+    with pytest.raises(ValueError, match=r"pairs must hold \(point of A, point of B\) tuples, got 'xyz'"):
+        xa.stats.StatsGrid(["x"], ["y"], pairs=["xyz"])
+    grid = xa.stats.StatsGrid(["x"], ["y"]).update({"x": X}, {"y": Y})
+    with pytest.raises(ValueError, match=r"acts_a\['x'\] has 7 features, earlier updates had 12"):
+        grid.update({"x": torch.randn(4, 7, dtype=torch.float64)}, {"y": Y[:4]})
+    with pytest.raises(ValueError, match=r"points_b must name at least one point .* got \[\]"):
+        S.grid_from_batches([({"x": X}, {"y": Y})], "cka", ["x"], [])
+    with pytest.warns(S.SmallSampleWarning, match="n=10 rows"):
+        g = S.grid_from_batches([({"resid_post.1": X}, {"y": Y})], "cka", "resid_post.1", "y")
+    assert g.points_a == ["resid_post.1"] and g.points_b == ["y"]
+    with pytest.raises(ValueError, match="no batches"):
+        S.grid_from_batches([], "cka", ["x"], ["y"])
+    with pytest.raises(ValueError, match=r"with minibatch_size=None every update is one minibatch"):
+        S.grid_from_batches([({"x": X[:2]}, {"y": Y[:2]})], "cka", minibatch_size=None)
+    with pytest.raises(ValueError, match=r"MinibatchCKA has 3 rows, no minibatch of the 4 or more rows"):
+        S.MinibatchCKA(minibatch_size=8).update(X[:3], Y[:3]).compute()
+    with pytest.raises(ValueError, match="keep must be a fraction of variance"):
+        S.svcca(X, Y, keep=True)

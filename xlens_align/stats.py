@@ -37,7 +37,23 @@ def _as_2d(x: Tensor, name: str) -> Float[Tensor, "n d"]:
     if x.ndim != 2:
         raise ValueError(f"{name} must have shape [n, d], got shape {tuple(x.shape)}")
     check_finite(x, name)
+    _check_range(x, name)
     return x
+
+
+def _check_range(x: Tensor, name: str) -> None:
+    """Statistics are sums of squares: refuse values whose squares leave float64's range."""
+    top = float(x.abs().max()) if x.numel() else 0.0
+    if top > _MAX_ABS or 0.0 < top < 1.0 / _MAX_ABS:
+        way = "overflow" if top > _MAX_ABS else "underflow to 0"
+        raise ValueError(
+            f"{name} holds values whose largest |value| is {top:.3g}: their squares {way} in float64, "
+            f"the statistics need |values| within [{1 / _MAX_ABS:.0e}, {_MAX_ABS:.0e}]; rescale the data "
+            "(CKA is scale invariant, and a map fit on c X, c Y is the map of X, Y rescaled)"
+        )
+
+
+_MAX_ABS = 1e140
 
 
 def _as_2d_f64(x: Tensor, name: str, device: torch.device | None = None) -> Float[Tensor, "n d"]:
@@ -256,6 +272,9 @@ class StatsGrid:
         points_b: Iterable[str],
         pairs: Iterable[tuple[str, str]] | None = None,
     ) -> None:
+        for arg, pts in (("points_a", points_a), ("points_b", points_b), ("pairs", pairs)):
+            if isinstance(pts, str):
+                raise TypeError(f"{arg} must be a list, got the single string {pts!r}; wrap it in a list")
         self.points_a = list(points_a)
         self.points_b = list(points_b)
         if not self.points_a or not self.points_b:
@@ -263,9 +282,12 @@ class StatsGrid:
         self.pairs = (
             list(pairs) if pairs is not None else [(a, b) for a in self.points_a for b in self.points_b]
         )
-        for a, b in self.pairs:
-            if a not in self.points_a or b not in self.points_b:
-                raise ValueError(f"pair ({a!r}, {b!r}) uses a point not in points_a/points_b")
+        for cell in self.pairs:
+            if not isinstance(cell, tuple | list) or len(cell) != 2:
+                raise ValueError(f"pairs must hold (point of A, point of B) tuples, got {cell!r}")
+            if cell[0] not in self.points_a or cell[1] not in self.points_b:
+                raise ValueError(f"pair {tuple(cell)!r} uses a point not in points_a/points_b")
+        self.pairs = [tuple(cell) for cell in self.pairs]
         self.moments_a: dict[str, Moments] = {}
         self.moments_b: dict[str, Moments] = {}
         self.cross: dict[tuple[str, str], Tensor] = {}
@@ -281,6 +303,12 @@ class StatsGrid:
                 raise ValueError(f"acts_{side} lacks points {missing}")
         xs = {p: _as_2d_f64(acts_a[p], f"acts_a[{p!r}]") for p in self.points_a}
         ys = {p: _as_2d_f64(acts_b[p], f"acts_b[{p!r}]") for p in self.points_b}
+        for side, new, old in (("a", xs, self.moments_a), ("b", ys, self.moments_b)):
+            for p, t in new.items():
+                if p in old and t.shape[1] != old[p].d:
+                    raise ValueError(
+                        f"acts_{side}[{p!r}] has {t.shape[1]} features, earlier updates had {old[p].d}"
+                    )
         ns = {t.shape[0] for t in (*xs.values(), *ys.values())}
         if len(ns) != 1:
             raise ValueError(

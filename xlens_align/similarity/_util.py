@@ -38,16 +38,24 @@ def as_pair(X: Any, Y: Any, min_n: int, what: str) -> tuple[Float[Tensor, "n dx"
     return scaled64(x), scaled64(y)
 
 
-def scaled64(x: Tensor) -> Float[Tensor, "n d"]:
-    """`x` in float64, times the power of two that brings its largest |value| into [0.5, 1).
+def scale_exponent(x: Tensor) -> int:
+    """The power of two e with ``max |x| * 2**-e`` in [0.5, 1) (0 for an empty, all-zero or
+    non-finite `x`)."""
+    top = x.abs().max() if x.numel() else x.new_zeros(())
+    if not 0.0 < float(top) < float("inf"):
+        return 0
+    return int(torch.frexp(top.to(torch.float64)).exponent)
+
+
+def scaled64(x: Tensor, exponent: int | None = None) -> Float[Tensor, "n d"]:
+    """`x` in float64 times ``2**-exponent`` (default `scale_exponent(x)`: the largest |value|
+    lands in [0.5, 1)).
 
     For the scale-invariant measures: values near 1e200 would overflow their squares and values
     near 1e-200 underflow them; a power of two rescales exactly (no rounding)."""
     x = x.to(torch.float64)
-    top = x.abs().max() if x.numel() else x.new_zeros(())
-    if not 0.0 < float(top) < float("inf"):
-        return x
-    return torch.ldexp(x, -torch.frexp(top).exponent)
+    e = scale_exponent(x) if exponent is None else exponent
+    return torch.ldexp(x, torch.tensor(-e, device=x.device)) if e else x
 
 
 def same_rows(tensors: Iterable[Tensor], what: str) -> int:

@@ -116,7 +116,7 @@ def cca_corr(X: Float[Tensor, "n dx"], Y: Float[Tensor, "n dy"]) -> float:
 
 
 def _check_keep(keep: float) -> None:
-    if not (isinstance(keep, int | float) and 0.0 < keep <= 1.0):
+    if isinstance(keep, bool) or not (isinstance(keep, int | float) and 0.0 < keep <= 1.0):
         raise ValueError(f"keep must be a fraction of variance in (0, 1], got {keep!r}")
 
 

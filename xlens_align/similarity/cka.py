@@ -35,6 +35,8 @@ from ._util import (
     center,
     centred,
     finite_or_raise,
+    scale_exponent,
+    scaled64,
     warn_degenerate,
 )
 
@@ -53,8 +55,16 @@ __all__ = [
 # -- Gram matrices ----------------------------------------------------------------------------
 def gram_linear(X: Float[Tensor, "n d"]) -> Float[Tensor, "n n"]:
     """Linear-kernel Gram matrix of the centred rows, float64."""
-    xc = center(as_matrix(X, "X"))
-    return xc @ xc.T
+    x = as_matrix(X, "X")
+    e = scale_exponent(x)  # computed at unit scale, scaled back exactly: inf only if it overflows
+    xc = center(scaled64(x, e))
+    k = torch.ldexp(xc @ xc.T, torch.tensor(2 * e, device=xc.device))
+    if not bool(torch.isfinite(k).all()):
+        raise ValueError(
+            f"gram_linear: X holds values up to {float(x.abs().max()):.3g}; their products overflow "
+            "float64. Rescale X (cka and the other measures are scale invariant and rescale themselves)"
+        )
+    return k
 
 
 def _sq_dists(xc: Float[Tensor, "n d"]) -> Float[Tensor, "n n"]:
@@ -98,7 +108,7 @@ def gram_rbf(X: Float[Tensor, "n d"], sigma: float | None = None) -> Float[Tenso
     `sigma` is a multiplier of the median heuristic (None means 1.0), as in Kornblith et al.
     """
     optional_positive_float(sigma, "sigma")
-    x = as_matrix(X, "X")
+    x = scaled64(as_matrix(X, "X"))  # the median bandwidth makes the kernel scale invariant
     return _rbf_from_centred(center(x), sigma, "X")
 
 
@@ -169,7 +179,7 @@ def u_center(K: Float[Tensor, "*b n n"], inplace: bool = False) -> Float[Tensor,
     s = r.sum(-1)
     u.sub_(r.unsqueeze(-1) / (n - 2))
     u.sub_(r.unsqueeze(-2) / (n - 2))
-    u.add_((s / ((n - 1) * (n - 2)))[..., None, None])
+    u.add_((s / ((n - 1) * (n - 1)))[..., None, None])
     u.diagonal(dim1=-2, dim2=-1).zero_()
     return u
 

@@ -85,7 +85,7 @@ def knn_indices(
     X: Float[Tensor, "n d"], k: int = 10, metric: Literal["cosine", "euclidean"] = "cosine"
 ) -> Int[Tensor, "n k"]:
     """Indices of the k nearest other rows of each row (self excluded), nearest first."""
-    x = ut.as_matrix(X, "X")
+    x = ut.scaled64(ut.as_matrix(X, "X"))  # neighbours do not depend on the scale
     _check_knn(x.shape[0], k, metric)
     return _knn(x, k, metric)
 
@@ -193,7 +193,9 @@ def rdm(
     x = ut.as_matrix(X, "X")
     if x.shape[0] < 2:
         raise ValueError(f"rdm needs at least 2 rows, got {x.shape[0]}")
-    return _rdm(x, metric, "X")
+    e = ut.scale_exponent(x)  # computed at unit scale (no overflow); distances scaled back exactly
+    d = _rdm(ut.scaled64(x, e), metric, "X")
+    return torch.ldexp(d, torch.tensor(e, device=d.device)) if metric == "euclidean" and e else d
 
 
 def _prep_rsa(x: Tensor, metric: str, name: str) -> Tensor | None:

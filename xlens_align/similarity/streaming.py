@@ -24,7 +24,7 @@ from torch import Tensor
 
 from xlens_align.validate import check_finite
 
-from ._util import DegenerateInputWarning, same_rows
+from ._util import DegenerateInputWarning, same_rows, scale_exponent, scaled64
 from .cka import u_center
 
 __all__ = ["MinibatchCKA"]
@@ -61,6 +61,7 @@ class MinibatchCKA:
         self.minibatch_size = minibatch_size
         self.device = torch.device(device) if device is not None else None
         self._dims: dict[tuple[str, str], int] = {}
+        self._exponents: dict[tuple[str, int], int] = {}
         self._sum_ab: Tensor | None = None
         self._sum_aa: Tensor | None = None
         self._sum_bb: Tensor | None = None
@@ -122,7 +123,10 @@ class MinibatchCKA:
             self.device = xs[0].device
         if self.minibatch_size is None:
             if n < 4:
-                raise ValueError(f"each minibatch needs at least 4 rows for the unbiased HSIC, got {n}")
+                raise ValueError(
+                    f"each minibatch needs at least 4 rows for the unbiased HSIC, got an update of {n}; with "
+                    "minibatch_size=None every update is one minibatch: pass minibatch_size=1024 to re-chunk"
+                )
             self._add(*self._hsic(xs, ys))
             return self
         self._pending_a.append(_Rows(xs))
@@ -149,18 +153,21 @@ class MinibatchCKA:
         return out[0], out[1]
 
     # -- the computation ----------------------------------------------------------------------
-    def _grams(self, ts: list[Tensor], n: int) -> Tensor:
+    def _grams(self, ts: list[Tensor], n: int, side: str) -> Tensor:
         k = torch.empty(len(ts), n, n, dtype=torch.float64, device=self.device)
         for i, t in enumerate(ts):
-            x = t.to(device=self.device, dtype=torch.float64)
+            # each point keeps the power of two that its first minibatch needed (CKA is scale
+            # invariant; a fixed factor per point leaves every ratio exact): no overflow at 1e200
+            e = self._exponents.setdefault((side, i), scale_exponent(t))
+            x = scaled64(t.to(self.device), e)
             x = x - x.mean(0, keepdim=True)
             torch.mm(x, x.T, out=k[i])
         return u_center(k, inplace=True).view(len(ts), n * n)
 
     def _hsic(self, xs: list[Tensor], ys: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, int]:
         n = xs[0].shape[0]
-        ka = self._grams(xs, n)
-        kb = self._grams(ys, n)
+        ka = self._grams(xs, n, "a")
+        kb = self._grams(ys, n, "b")
         scale = 1.0 / (n * (n - 3))
         hab = (ka @ kb.T) * scale
         haa = torch.linalg.vector_norm(ka, dim=1).square() * scale
@@ -188,7 +195,10 @@ class MinibatchCKA:
             sums = new if sums[0] is None else [s + d for s, d in zip(sums, new, strict=True)]
             weight += n
         if sums[0] is None:
-            raise ValueError("MinibatchCKA has no minibatch of at least 4 rows yet; call update() first")
+            raise ValueError(
+                f"MinibatchCKA has {self._pending_n} rows, no minibatch of the 4 or more rows that the "
+                "unbiased HSIC needs: update() it with more rows first"
+            )
         return sums[0] / weight, sums[1] / weight, sums[2] / weight
 
     def compute(self) -> Float[Tensor, "pa pb"]:

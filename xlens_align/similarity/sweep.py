@@ -20,7 +20,7 @@ from xlens_align.rows import RowFilter, merge_counts
 from xlens_align.stats import StatsGrid
 from xlens_align.validate import nonneg_int
 
-from ._util import SmallSampleWarning
+from ._util import SmallSampleWarning, scale_exponent, scaled64
 from .cka import cka_grid_from_stats
 from .grid import Grid
 from .grid_controls import cell_controls
@@ -30,6 +30,24 @@ from .rowstore import RowStore
 from .streaming import MinibatchCKA
 
 __all__ = ["MEASURES", "MIN_GRID_ROWS", "grid_from_batches", "layer_grid"]
+
+
+def _point_list(points: Any, arg: str) -> list[str] | None:
+    """None (the default points), one point name, or a non-empty sequence of them, as a list."""
+    if points is None:
+        return None
+    if isinstance(points, str):
+        return [points]
+    if not isinstance(points, Sequence) or not points:
+        raise ValueError(f"{arg} must name at least one point (a name or a list of names), got {points!r}")
+    return list(points)
+
+
+def _fixed_scale(acts: dict[str, Tensor], side: str, exps: dict[tuple[str, str], int]) -> dict[str, Tensor]:
+    """`acts` in float64, each point times the power of two its first batch needed (kept in `exps`):
+    CKA is scale invariant and a fixed factor per point keeps the co-moments' ratios exact, while
+    the sums of squares stay inside float64's range."""
+    return {p: scaled64(t, exps.setdefault((side, p), scale_exponent(t))) for p, t in acts.items()}
 
 
 def _stats_grid(pa: list[str], pb: list[str], a: dict[str, Tensor], b: dict[str, Tensor]) -> StatsGrid:
@@ -90,14 +108,15 @@ def grid_from_batches(
     kw = dict(measure_kw or {})
     name, spec = resolve_measure(measure, kw)
     rows = RowFilter(massive=massive, clamp=clamp)
-    pa = list(points_a) if points_a is not None else None
-    pb = list(points_b) if points_b is not None else None
+    pa, pb = _point_list(points_a, "points_a"), _point_list(points_b, "points_b")
 
     acc = MinibatchCKA(pa, pb, minibatch_size=minibatch_size) if name == "cka" and spec is None else None
     store = RowStore(max_rows, subsample, seed, name) if spec is not None else None
     stats: StatsGrid | None = None
     sample = RowStore(control_rows, True, seed, "controls") if (n_perm or n_boot) else None
     filtered: dict[str, int] = {}
+    exps: dict[tuple[str, str], int] = {}
+    d_max: int | None = None
     warned: set[str] = set()
     rows_seen = rows_in = 0
     for batch in batches:
@@ -125,9 +144,9 @@ def grid_from_batches(
         else:
             if stats is None:
                 stats = _stats_grid(pa, pb, a, b)
-            stats.update(a, b)
-    if pa is None or pb is None:
-        raise ValueError("no batches: the source yielded nothing")
+            stats.update(_fixed_scale(a, "a", exps), _fixed_scale(b, "b", exps))
+    if pa is None or pb is None or d_max is None:
+        raise ValueError("no batches: the batches (or the texts' collect) yielded nothing")
     need = 4 if name == "cka" else (spec.min_n if spec is not None else 2)
     _check_rows(name, need, rows_in, filtered)
 
@@ -254,8 +273,10 @@ def layer_grid(
     per-cell controls on request (see `grid_from_batches`).
     """
     rows = RowFilter(drop_first=drop_first, massive=massive, clamp=clamp)
-    pa = list(points_a) if points_a is not None else (_default_points(pair.a) if pair is not None else None)
-    pb = list(points_b) if points_b is not None else (_default_points(pair.b) if pair is not None else None)
+    pa, pb = _point_list(points_a, "points_a"), _point_list(points_b, "points_b")
+    if pair is not None:
+        pa = _default_points(pair.a) if pa is None else pa
+        pb = _default_points(pair.b) if pb is None else pb
     if source is None:
         if pair is None:
             raise ValueError("pass a ModelPair (or a batch source via source=)")
