@@ -10,17 +10,24 @@ import pickle
 import random
 import re
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import xlens_align as xa
 from xlens_align.maps import CCA, MLP, Adapter, Affine, EmbeddingInjection, LowRank, Procrustes, load
 
 
 def _rows(n: int, d: int, seed: int) -> torch.Tensor:
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _p(path) -> str:
+    """`path` as a regular expression matching itself."""
+    return re.escape(str(path))
 
 
 def _header(raw: bytes) -> tuple[int, dict]:
@@ -85,15 +92,10 @@ def test_every_header_length_mod_256_loads(fitted, tmp_path):
 
 # -- damaged tensors -----------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("kind", "name"),
-    [
-        ("affine", "weight_"),
-        ("affine", "prep_x_.winsor_hi"),
-        ("mlp", "net_.skip.weight"),
-        ("cca", "x_weights_"),
-    ],
+    "spec", ["affine weight_", "affine prep_x_.winsor_hi", "mlp net_.skip.weight", "cca x_weights_"]
 )
-def test_non_finite_tensor_is_named(fitted, kind, name, tmp_path):
+def test_non_finite_tensor_is_named(fitted, spec, tmp_path):
+    kind, name = spec.split()
     good = fitted[kind].save(tmp_path / "good.safetensors")
     for bad_value in (float("nan"), float("inf")):
 
@@ -102,30 +104,21 @@ def test_non_finite_tensor_is_named(fitted, kind, name, tmp_path):
             t[name].view(-1)[0] = v
 
         bad = _rewrite(good, tmp_path / "bad.safetensors", poison)
-        with pytest.raises(
-            ValueError, match=rf"^{re.escape(str(bad))}: tensor '{re.escape(name)}' holds 1 non-finite"
-        ):
+        with pytest.raises(ValueError, match=rf"^{_p(bad)}: tensor '{_p(name)}' holds 1 non-finite"):
             load(bad)
 
 
-@pytest.mark.parametrize(
-    ("kind", "name"),
-    [
-        ("affine", "bias_"),
-        ("affine", "prep_x_.offset"),
-        ("affine", "prep_y_.scale"),
-        ("procrustes", "rotation_"),
-        ("procrustes", "prep_x_.whitener"),
-        ("low_rank", "components_"),
-        ("mlp", "net_.head.weight"),
-    ],
+MISSING = (
+    "affine bias_|affine prep_x_.offset|affine prep_y_.scale|procrustes rotation_|procrustes prep_x_.whitener"
 )
-def test_missing_tensor_is_named(fitted, kind, name, tmp_path):
+
+
+@pytest.mark.parametrize("spec", [*MISSING.split("|"), "low_rank components_", "mlp net_.head.weight"])
+def test_missing_tensor_is_named(fitted, spec, tmp_path):
+    kind, name = spec.split()
     good = fitted[kind].save(tmp_path / "good.safetensors")
     bad = _rewrite(good, tmp_path / "bad.safetensors", lambda t: t.pop(name))
-    with pytest.raises(
-        ValueError, match=rf"^{re.escape(str(bad))}: .*needs tensor\(s\) \['{re.escape(name)}'\]"
-    ):
+    with pytest.raises(ValueError, match=rf"^{_p(bad)}: .*needs tensor\(s\) \['{_p(name)}'\]"):
         load(bad)
 
 
@@ -138,25 +131,22 @@ def test_missing_tensor_of_an_injection_base_is_named(fitted, tmp_path):
         load(bad)
 
 
+SHAPES = "affine weight_ 4,3 5,3|affine bias_ 3,1 3|affine prep_x_.offset 3 5|cca correlations_ 3 2"
+
+
 @pytest.mark.parametrize(
-    ("kind", "name", "shape", "want"),
-    [
-        ("affine", "weight_", (4, 3), [5, 3]),
-        ("affine", "bias_", (3, 1), [3]),
-        ("affine", "prep_x_.offset", (3,), [5]),
-        ("cca", "correlations_", (3,), [2]),
-        ("low_rank", "singular_values_", (5,), [2]),
-        ("mlp", "net_.body.0.weight", (8, 4), [8, 5]),
-    ],
+    "spec", [*SHAPES.split("|"), "low_rank singular_values_ 5 2", "mlp net_.body.0.weight 8,4 8,5"]
 )
-def test_wrong_shape_is_named(fitted, kind, name, shape, want, tmp_path):
+def test_wrong_shape_is_named(fitted, spec, tmp_path):
+    kind, name, *sizes = spec.split()
+    shape, want = ([int(x) for x in size.split(",")] for size in sizes)
     good = fitted[kind].save(tmp_path / "good.safetensors")
 
     def reshape(t):
         t[name] = torch.zeros(shape, dtype=t[name].dtype)
 
     bad = _rewrite(good, tmp_path / "bad.safetensors", reshape)
-    msg = rf"^{re.escape(str(bad))}: tensor '{re.escape(name)}' has shape {re.escape(str(list(shape)))}; .*d_in=5, d_out=3 needs {re.escape(str(want))}"
+    msg = rf"^{_p(bad)}: tensor '{_p(name)}' has shape {_p(shape)}; .*d_in=5, d_out=3 needs {_p(want)}"
     with pytest.raises(ValueError, match=msg):
         load(bad)
 
@@ -186,7 +176,7 @@ def test_every_prefix_of_a_map_file_is_truncated_or_corrupt(tmp_path):
     cut = tmp_path / "cut.safetensors"
     for k in range(len(raw)):
         cut.write_bytes(raw[:k])
-        with pytest.raises(ValueError, match=rf"^{re.escape(str(cut))} is truncated or corrupt: "):
+        with pytest.raises(ValueError, match=rf"^{_p(cut)} is truncated or corrupt: "):
             load(cut)
 
 
@@ -200,7 +190,7 @@ def test_garbage_files_are_truncated_or_corrupt(tmp_path):
         if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":
             continue
         path.write_bytes(data)
-        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is truncated or corrupt: "):
+        with pytest.raises(ValueError, match=rf"^{_p(path)} is truncated or corrupt: "):
             load(path)
 
 
@@ -219,15 +209,11 @@ def test_pickles_are_refused_never_unpickled(tmp_path, protocol):
     marker = tmp_path / "unpickled"
     path = tmp_path / "trap.safetensors"
     path.write_bytes(pickle.dumps({"weight_": _Trap(marker)}, protocol=protocol))
-    with pytest.raises(
-        ValueError, match=rf"^{re.escape(str(path))} is a Python pickle.*refusing to unpickle"
-    ):
+    with pytest.raises(ValueError, match=rf"^{_p(path)} is a Python pickle.*refusing to unpickle"):
         load(path)
     zipped = tmp_path / "zipped.safetensors"
     torch.save({"weight_": torch.zeros(2)}, zipped)
-    with pytest.raises(
-        ValueError, match=rf"^{re.escape(str(zipped))} is a zip archive.*refusing to unpickle"
-    ):
+    with pytest.raises(ValueError, match=rf"^{_p(zipped)} is a zip archive.*refusing to unpickle"):
         load(zipped)
     assert not marker.exists()
 
@@ -239,14 +225,11 @@ def test_save_reports_the_real_problem_and_path(fitted, tmp_path, monkeypatch):
     blocker.write_text("not a directory")
     with pytest.raises(
         NotADirectoryError,
-        match=rf"cannot write {re.escape(str(blocker))}/sub/m\.st: {re.escape(str(blocker))} is a file",
+        match=rf"cannot write {_p(blocker)}/sub/m\.st: {_p(blocker)} is a file",
     ):
         m.save(blocker / "sub" / "m.st")
-    with pytest.raises(
-        IsADirectoryError, match=rf"cannot write {re.escape(str(tmp_path))}: it is a directory"
-    ):
+    with pytest.raises(IsADirectoryError, match=rf"cannot write {_p(tmp_path)}: it is a directory"):
         m.save(tmp_path)
-    import tempfile
 
     def denied(*args, dir=None, **kwargs):
         raise PermissionError(13, "Permission denied", str(Path(dir) / ".m.st.x1y2.tmp"))
@@ -278,10 +261,8 @@ def test_save_reports_the_real_problem_and_path(fitted, tmp_path, monkeypatch):
 )
 @pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0])
 def test_non_finite_hyper_parameters_are_refused(make, name, value):
-    X, Y = _rows(30, 4, 6), _rows(30, 3, 7)
-    if name == "lr" or not isinstance(make(1.0), MLP | Adapter):
-        X, Y = X.float(), Y.float()
-    with pytest.raises(ValueError, match=rf"^{re.escape(name)} must be a finite number"):
+    X, Y = _rows(30, 4, 6).float(), _rows(30, 3, 7).float()
+    with pytest.raises(ValueError, match=rf"^{_p(name)} must be a finite number"):
         make(value).fit(X, Y)
 
 
@@ -297,3 +278,119 @@ def test_overflowing_alpha_and_moments_are_named():
             m.fit(X * 1e200, Y)
         with pytest.raises(ValueError, match=r"^(Y holds|the second moments of Y overflow)"):
             m.fit(X, Y * 1e200)
+
+
+# -- model loading -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory):
+    """A 1-layer Mistral (d_model 32) saved with its tokenizer: (directory, tokenizer directory)."""
+    hf, tok = xa.testing.tiny_hf("mistral", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_mlp=32)
+    path = tmp_path_factory.mktemp("small") / "model"
+    hf.save_pretrained(path)
+    return path, tok
+
+
+def _variant(small_dir, tmp_path: Path, edit) -> Path:
+    """A copy of the small checkpoint (no tokenizer files) with its weights changed by `edit`."""
+    src, _ = small_dir
+    out = tmp_path / "variant"
+    out.mkdir()
+    (out / "config.json").write_text((src / "config.json").read_text())
+    weights = load_file(str(src / "model.safetensors"))
+    edit(weights)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_checkpoint_missing_misshaped_or_cut_weights_is_refused(small_dir, tmp_path):
+    tok, name = small_dir[1], "model.layers.0.mlp.down_proj.weight"
+    path = _variant(small_dir, tmp_path, lambda w: w.pop(name))
+    with pytest.raises(ValueError, match=rf"checkpoint {_p(path)} .*{_p(name)} \(missing\)"):
+        xa.load_model(str(path), tokenizer=tok)
+    save_file(
+        {**load_file(str(small_dir[0] / "model.safetensors")), "model.norm.weight": torch.ones(5)},
+        str(path / "model.safetensors"),
+    )
+    with pytest.raises(
+        ValueError, match=rf"{_p(path)} .*model\.norm\.weight \(shape \[5\] in the file vs \[32\]"
+    ):
+        xa.load_model(str(path), tokenizer=tok)
+    raw = (small_dir[0] / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=rf"checkpoint {_p(path)}: .*truncated or corrupt"):
+        xa.load_model(str(path), tokenizer=tok)
+
+
+def _no_weights(*args, **kwargs):
+    raise AssertionError("weights were read before the argument was checked")
+
+
+def test_model_directory_without_tokenizer_suggests_tokenizer(small_dir, tmp_path, monkeypatch):
+    path = _variant(small_dir, tmp_path, lambda w: None)
+    monkeypatch.setattr(xa.packaged, "load_causal_lm", _no_weights)
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"model directory '{_p(path)}' holds no tokenizer files.*tokenizer=",
+    ):
+        xa.load_model(str(path))
+    empty = tmp_path / "empty_tokenizer"
+    empty.mkdir()
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"tokenizer directory '{_p(empty)}' holds no tokenizer.*tokenizer=",
+    ):
+        xa.load_model(str(path), tokenizer=empty)
+    monkeypatch.undo()
+    assert xa.load_model(str(path), tokenizer=small_dir[1]).n_layers == 1  # given tokenizer= it loads
+
+
+@pytest.mark.parametrize(
+    "device", ["cuda:97", "gpu", "meta", "mps:5"] + ([] if torch.cuda.is_available() else ["cuda"])
+)
+def test_unavailable_device_is_refused_before_loading(small_dir, device, monkeypatch):
+    path, tok = small_dir
+    monkeypatch.setattr(xa.packaged, "load_causal_lm", _no_weights)
+    monkeypatch.setattr(xa.models, "load_hf", _no_weights)
+    with pytest.raises(ValueError, match=rf"device.*{re.escape(repr(device))}"):
+        xa.load_model(str(path), tokenizer=tok, device=device)
+
+
+def test_tokenizer_beyond_the_vocabulary_is_refused():
+    hf, _ = xa.testing.tiny_hf("mistral", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_mlp=32)
+    llama = xa.tokenizers.llama3_path()
+    with pytest.raises(
+        ValueError,
+        match=rf"tokenizer '{_p(llama)}' produces token ids up to 128255.*vocabulary of 32000",
+    ):
+        xa.load_model(hf, tokenizer=llama)
+
+
+@pytest.mark.parametrize("bad", [32000, 128000, -1])
+def test_ids_outside_the_vocabulary_are_named(small_dir, bad):
+    path, tok = small_dir
+    model = xa.load_model(str(path), tokenizer=tok)
+    ids = torch.tensor([[1, 5, bad, 7]])
+    want = rf"input_ids hold token id {bad}, outside the vocabulary .*vocabulary size 32000.*tokenizer '{_p(tok)}'"
+    with pytest.raises(ValueError, match=want):
+        model.forward(ids)
+    with pytest.raises(ValueError, match=want):
+        model.run_with_points(ids, torch.ones_like(ids), ["resid_post.0"])
+    with pytest.raises(TypeError, match="input_ids must hold integer token ids"):
+        model.forward(ids.float())
+    assert model.forward(torch.tensor([[1, 31999]])).shape == (1, 2, 32000)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GGUF" + struct.pack("<I", 6255337) + bytes(64),  # a version no reader knows
+        b"GGUF" + struct.pack("<I", 3) + bytes(5),  # cut inside the header
+        b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + struct.pack("<Q", 50) + b"general.arch",  # cut in a key
+    ],
+)
+def test_damaged_gguf_is_truncated_or_corrupt(tmp_path, data, monkeypatch):
+    monkeypatch.setenv("XLENS_ALIGN_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "model.gguf"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=rf"^{_p(path)} is truncated or corrupt: "):
+        xa.load_model(str(path))
