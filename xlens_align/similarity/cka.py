@@ -179,7 +179,7 @@ def u_center(K: Float[Tensor, "*b n n"], inplace: bool = False) -> Float[Tensor,
     s = r.sum(-1)
     u.sub_(r.unsqueeze(-1) / (n - 2))
     u.sub_(r.unsqueeze(-2) / (n - 2))
-    u.add_((s / ((n - 1) * (n - 1)))[..., None, None])
+    u.add_((s / ((n - 1) * (n - 2)))[..., None, None])
     u.diagonal(dim1=-2, dim2=-1).zero_()
     return u
 
