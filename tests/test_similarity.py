@@ -35,6 +35,34 @@ def related(n: int = 400, dx: int = 24, dy: int = 32, noise: float = 1.0, seed: 
     return x, y
 
 
+def cka_reference(x, y, kernel: str, debiased: bool) -> float:
+    """CKA written out in numpy (Kornblith et al. 2019; debiased: Song et al. 2012's unbiased HSIC):
+    linear Grams or RBF with bandwidth the median pairwise distance."""
+    import numpy as np
+
+    def gram(a):
+        a = a.numpy().astype(np.float64)
+        a = a - a.mean(0)
+        if kernel == "linear":
+            return a @ a.T
+        d2 = ((a[:, None, :] - a[None, :, :]) ** 2).sum(-1)
+        bw = np.median(np.sqrt(d2[np.triu_indices(len(a), 1)]))
+        return np.exp(-d2 / (2 * bw**2))
+
+    def hsic(k, l_):
+        n = len(k)
+        if not debiased:
+            h = np.eye(n) - 1.0 / n
+            return np.trace(k @ h @ l_ @ h) / (n - 1) ** 2
+        k, l_ = k - np.diag(np.diag(k)), l_ - np.diag(np.diag(l_))
+        one = np.ones(n)
+        return (np.trace(k @ l_) + one @ k @ one * (one @ l_ @ one) / ((n - 1) * (n - 2))
+                - 2.0 / (n - 2) * one @ k @ l_ @ one) / (n * (n - 3))  # fmt: skip
+
+    k, l_ = gram(x), gram(y)
+    return float(hsic(k, l_) / np.sqrt(hsic(k, k) * hsic(l_, l_)))
+
+
 # -- CKA --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
 @pytest.mark.parametrize("debiased", [True, False])
@@ -43,7 +71,8 @@ def test_cka_self_one_and_invariances(kernel, debiased):
     x = x.double()  # transforms below in float64: float32 rounding would move CKA by ~1e-9
     assert S.cka(x, x, kernel=kernel, debiased=debiased) == pytest.approx(1.0, abs=1e-12)
     base = S.cka(x, y, kernel=kernel, debiased=debiased)
-    assert 0.2 < base < 0.99
+    assert base == pytest.approx(cka_reference(x, y, kernel, debiased), abs=1e-10)
+    assert 0.2 < base < 0.99  # neither trivially 0 nor 1: the invariances below mean something
     q = rotation(20)
     for xt in (x @ q, 3.7 * x, -x + 5.0):  # orthogonal, isotropic scaling, reflection + shift
         assert S.cka(xt, y, kernel=kernel, debiased=debiased) == pytest.approx(base, abs=1e-10)
@@ -114,6 +143,15 @@ def test_cca_family_rotation_gives_one():
     _, y = related(500, 40, 40, seed=9)
     for f in (S.cca_corr, S.svcca, S.pwcca):
         assert f(x, y) < 0.5
+    # the mean canonical correlation written out: singular values of Sxx^-1/2 Sxy Syy^-1/2
+    xc, yc = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+
+    def inv_sqrt(c):
+        w, v = torch.linalg.eigh(c)
+        return v @ torch.diag(w**-0.5) @ v.T
+
+    rho = torch.linalg.svdvals(inv_sqrt(xc.T @ xc) @ (xc.T @ yc) @ inv_sqrt(yc.T @ yc))
+    assert S.cca_corr(x, y) == pytest.approx(float(rho.mean()), abs=1e-9)
 
 
 def test_cca_closed_form_shared_directions():
