@@ -23,6 +23,7 @@ _SUBMODULES = {
     "tokenizers",
     "tokens",
     "models",
+    "remote",
     "stats",
     "corpus",
     "activations",
@@ -34,7 +35,7 @@ _SUBMODULES = {
     "cli",
 }
 _EXPORTS = {
-    "load_model": "models",
+    "load_model": "remote",  # models.load_model, or a RemoteModel for "remote:<source>"
     "LensModel": "models",
     "point_at_depth": "models",
     "ModelPair": "models",

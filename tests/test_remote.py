@@ -1,0 +1,233 @@
+"""Remote models without a server: the point mapping (through nnsight's serialize / deserialize
+dry run, ``host="local"``) equals the bridge's points and patches on tiny models of every
+family, and every error path that needs no server is a clear error in bounded time."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+import xlens_align as xa
+from xlens_align.patching import forward_patched
+from xlens_align.remote import client
+from xlens_align.remote.local import model_key, tiny_checkpoint
+from xlens_align.remote.model import RemoteModel, _write
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France!"]
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail the test (instead of hanging the suite) if the block runs longer than `seconds`."""
+
+    def boom(*_):
+        raise TimeoutError(f"the test ran past its {seconds} s deadline")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-remote")
+    return {
+        fam: tiny_checkpoint(root / fam, fam, vocab_size=300 + 20 * i, n_layers=2, d_model=32, seed=i)
+        for i, fam in enumerate(("llama", "mistral", "qwen2", "gemma3"))
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma3"])
+def test_remote_points_and_patches_equal_the_bridge(checkpoints, family):
+    path = checkpoints[family]
+    local = xa.load_model(path)
+    remote = xa.load_model(f"remote:{path}", host="local")
+    assert remote.family == local.family == family
+    assert (remote.points, remote.d_model, remote.n_layers) == (local.points, local.d_model, local.n_layers)
+    assert remote.config_hash == local.config_hash and remote.model_id == local.model_id
+    assert remote.model_key == model_key(path)
+    ids, mask = local.to_tokens(TEXTS)
+    assert torch.equal(ids, remote.to_tokens(TEXTS)[0]) and int(mask.sum()) < mask.numel()  # padded
+    real = mask.bool()  # padding is never read (there the bridge's eager and HF's sdpa attention differ)
+    lg_l, acts_l = local.run_with_points(ids, mask, local.points, return_logits=True)
+    lg_r, acts_r = remote.run_with_points(ids, mask, remote.points, return_logits=True)
+    # relative to the point's scale: HF's sdpa attention (remote) and the bridge's eager attention
+    # round differently in float32 (~3e-7 of the values' size)
+    worst = max(
+        ((acts_l[p] - acts_r[p])[real].abs().max() / acts_l[p][real].abs().max().clamp(min=1)).item()
+        for p in local.points
+    )
+    assert worst <= 1e-6, f"{family}: a remote point differs from the bridge's by {worst:.2e} (relative)"
+    assert (acts_l["embed"] - acts_r["embed"])[real].abs().max().item() == 0.0  # gemma3's scaling included
+    assert (lg_l - lg_r)[real].abs().max().item() <= 1e-5
+    # a write at every kind of point: the same logits as the bridge's hooks
+    g = torch.Generator().manual_seed(0)
+    cells = (torch.tensor([0, 1, 0]), torch.tensor([2, 1, 4]))
+    for point in ("embed", "resid_pre.1", "resid_mid.1", "resid_post.0", "final"):
+        spec = {point: (torch.randn(3, local.d_model, generator=g) * 3, cells)}
+        patched_l = forward_patched(local, ids, mask, spec)
+        patched_r = forward_patched(remote, ids, mask, spec)
+        assert (patched_l - lg_l)[real].abs().max() > 1e-3, f"{point}: the patch changed nothing"
+        assert (patched_l - patched_r)[real].abs().max().item() <= 1e-5, f"{family} {point}"
+
+
+def test_remote_module_paths_exist_in_every_family(checkpoints):
+    from transformers import AutoModelForCausalLM
+
+    for family, path in checkpoints.items():
+        names = dict(AutoModelForCausalLM.from_pretrained(path).named_modules())
+        for kind, (template, side) in xa.remote.MODULE_PATHS[family].items():
+            assert template.format(layer=1) in names, (family, kind)
+            assert side in ("input", "output")
+    assert xa.remote.MODULE_PATHS["gemma3"]["resid_mid"][0].endswith("pre_feedforward_layernorm")
+
+
+@pytest.mark.filterwarnings("ignore:the ablation at:RuntimeWarning")
+def test_remote_dry_run_pair_collect_and_measure_equal_local(checkpoints):
+    a = xa.load_model(checkpoints["llama"])
+    b_local = xa.load_model(checkpoints["mistral"])
+    b_remote = xa.load_model(f"remote:{checkpoints['mistral']}", host="local")
+    local, remote = xa.ModelPair(a, b_local), xa.ModelPair(a, b_remote)
+    kw = dict(batch_size=2, progress=False)
+    (pl,) = xa.collect(local, TEXTS, ["resid_post.1"], ["resid_mid.1", "final"], **kw)
+    (pr,) = xa.collect(remote, TEXTS, ["resid_post.1"], ["resid_mid.1", "final"], **kw)
+    assert pl.n == pr.n > 10
+    for p in pl.b:
+        assert (pl.b[p] - pr.b[p]).abs().max().item() <= 1e-6
+    m = xa.maps.Affine(alpha=1.0).fit(pl.a["resid_post.1"], pl.b["resid_mid.1"])
+    e = [
+        xa.effects.measure(pair, m, source="resid_post.1", target="resid_mid.1", texts=TEXTS, ablation="zero")
+        for pair in (local, remote)
+    ]
+    assert e[0].n_tokens == e[1].n_tokens > 0
+    for k in ("ce_clean", "ce_patched", "ce_ablated", "kl", "top1_agreement"):
+        assert abs(getattr(e[0], k) - getattr(e[1], k)) <= 1e-5, k
+
+
+def test_remote_result_checks():
+    m = RemoteModel.__new__(RemoteModel)
+    m.name, m.host = "tiny", "http://127.0.0.1:1"
+    good = torch.ones(1, 5, 8)
+    restored = m._checked_result(good[0], torch.Size([1, 5]), 8, "resid_post.0")  # batch dim dropped
+    assert restored.shape == (1, 5, 8)
+    with pytest.raises(client.RemoteResultError, match=r"resid_post.0 came back with shape \(2, 5, 8\)"):
+        m._checked_result(torch.ones(2, 5, 8), torch.Size([3, 5]), 8, "resid_post.0")
+    bad = good.clone()
+    bad[0, 1, 2] = float("nan")
+    with pytest.raises(client.RemoteResultError, match="1 inf/NaN"):
+        m._checked_result(bad, torch.Size([1, 5]), 8, "logits")
+    with pytest.raises(client.RemoteResultError, match="not a tensor"):
+        m._checked_result(None, torch.Size([1, 5]), 8, "logits")
+
+
+def test_remote_bad_writes_fail_before_any_request():
+    p = xa.points.Point("resid_post", 0)
+    with pytest.raises(
+        ValueError, match=r"cannot write values of shape \(3, 8\) into the stream at 'resid_post.0'"
+    ):
+        _write(p, torch.ones(3, 8), (torch.tensor([0, 1]), torch.tensor([0, 1])), (2, 4, 8), torch.float32)
+    with pytest.raises(TypeError, match="a remote model takes tensors"):
+        _write(p, lambda x: x, None, (2, 4, 8), torch.float32)
+    idx, v = _write(p, torch.ones(2, 4, 8), torch.ones(2, 4, dtype=torch.bool), (2, 4, 8), torch.float32)
+    assert v.shape == (8, 8) and len(idx) == 2
+
+
+def test_remote_errors_are_translated():
+    from nnsight.intervention.backends.remote import RemoteError
+
+    cases = {
+        "Could not deploy this model. Remotable.describe_checkpoint() got ...": client.ModelNotDeployed,
+        "Error submitting request to model deployment. Please try again later.": client.ConnectionLost,
+        "Traceback ...\nIndexError: index 9 is out of bounds": client.ServerError,
+    }
+    for text, cls in cases.items():
+        err = client.translate(RemoteError(text), "model 'x' on NDIF host h")
+        assert type(err) is cls and "model 'x' on NDIF host h" in str(err)
+    assert "IndexError: index 9" in str(client.translate(RemoteError(list(cases)[2]), "w"))
+    assert isinstance(client.translate(ConnectionRefusedError(111, "refused"), "w"), client.ServerUnreachable)
+    assert client.translate(KeyError("x"), "w") is None  # not a remote failure: raised as it is
+
+
+def _silent_server() -> tuple[socket.socket, int]:
+    """A socket that accepts connections and never answers."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    held = []
+
+    def accept():
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(srv.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    return srv, srv.getsockname()[1]
+
+
+def test_remote_bad_hosts_fail_fast(checkpoints):
+    path = checkpoints["llama"]
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    dead = free.getsockname()[1]
+    free.close()
+    with deadline(60):
+        t = time.monotonic()
+        with pytest.raises(client.ServerUnreachable, match=f"127.0.0.1:{dead}"):
+            RemoteModel(path, host=f"http://127.0.0.1:{dead}")
+        # check=False: the status check comes before the first request, which fails the same way
+        m = RemoteModel(path, host=f"http://127.0.0.1:{dead}", check=False)
+        ids, mask = m.to_tokens(TEXTS)
+        with pytest.raises(client.ServerUnreachable, match=f"127.0.0.1:{dead}"):
+            m.run_with_points(ids, mask, ["final"])
+        m._checked = True  # and past the check, the request itself (websocket) fails clearly too
+        with pytest.raises(client.ServerUnreachable, match="cannot connect"):
+            m.run_with_points(ids, mask, ["final"])
+        assert time.monotonic() - t < 30
+        srv, port = _silent_server()
+        try:
+            t = time.monotonic()
+            with pytest.raises(client.RemoteTimeout, match="did not answer"):
+                RemoteModel(path, host=f"http://127.0.0.1:{port}", connect_timeout=2)
+            silent = RemoteModel(path, host=f"http://127.0.0.1:{port}", connect_timeout=2, check=False)
+            silent._checked = True
+            with pytest.raises(client.RemoteTimeout, match="did not answer"):
+                silent.run_with_points(ids, mask, ["final"])
+            assert time.monotonic() - t < 20
+        finally:
+            srv.close()
+
+
+def test_remote_bad_arguments(checkpoints):
+    path = checkpoints["llama"]
+    with pytest.raises(ValueError, match="host must be an http"):
+        RemoteModel(path, host="127.0.0.1:8001")
+    with pytest.raises(ValueError, match="timeout must be a finite number"):
+        RemoteModel(path, host="local", timeout=0)
+    with pytest.raises(FileNotFoundError, match="no local config"):
+        RemoteModel("nobody/no-such-model", host="local")
+    with pytest.raises(ValueError, match="device must be 'cpu'"):
+        xa.load_model(f"remote:{path}", host="local", device="cuda")
+    with pytest.raises(TypeError, match="apply to remote models only"):
+        xa.load_model(path, host="http://127.0.0.1:1")
+    with pytest.raises(ValueError, match="give a hub id or a model directory"):
+        xa.load_model("remote:")
+    m = RemoteModel(path, host="local")
+    ids, mask = m.to_tokens(TEXTS)
+    with pytest.raises(TypeError, match="fwd_hooks"):
+        m.forward(ids, mask, fwd_hooks=[("final", lambda x, hook: x)])
+    with pytest.raises(ValueError, match="unknown point"):
+        m.run_with_points(ids, mask, ["resid_post.x"])
+    with pytest.raises(AttributeError, match="no TransformerBridge"):
+        m.bridge  # noqa: B018
+    with pytest.raises(TypeError, match="it lacks"):
+        xa.ModelPair(m, object())

@@ -1,0 +1,339 @@
+"""`RemoteModel`: a model served by NDIF, with the residual points and methods of `LensModel`.
+
+>>> b = xa.remote.RemoteModel("mistralai/Mistral-7B-v0.1", host="https://api.ndif.us", api_key=...)
+>>> pair = xa.ModelPair(a, b)          # a local LensModel, or another RemoteModel
+
+Tokenizing, alignment, maps and scoring stay local; only forward passes go to the server. One
+request carries one batch: `run_with_points` saves every requested point in one trace, and
+`run_patched` (which `patching.forward_patched` calls) writes values computed locally into the
+stream inside the trace and returns the logits. Results are checked for shape (nnsight may drop
+the batch dimension of a remote result) and for inf/NaN. The model's config and tokenizer are read
+locally (a local directory, or the local Hugging Face cache for a hub id); the weights never are.
+
+A remote model never runs locally: the only backends used are the bounded NDIF backend of
+`client` and, for ``host="local"`` (an explicit choice, for tests), nnsight's own serialize /
+deserialize dry run.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..models import SUPPORTED_FAMILIES, LensModel, config_hash
+from ..points import Point, all_points
+from . import client
+from .modules import sites_in_order
+
+__all__ = ["RemoteModel"]
+
+
+class RemoteModel:
+    """A causal LM run on an NDIF server through nnsight, duck-typing `LensModel`.
+
+    source: a hub id or a local model directory (the key the deployment was made with).
+    host / api_key: the NDIF server (default ``NDIF_HOST`` / ``NDIF_API_KEY``, then nnsight's
+    configuration, i.e. the hosted NDIF); ``host="local"`` runs nnsight's local dry run of the
+    remote path instead (weights loaded here; for tests). tokenizer: a directory or hub id
+    (default: `source`). timeout: seconds one request may take from sending to result;
+    connect_timeout: seconds to connect and get a session. dtype: the dtype the deployment runs
+    in (values written into the stream are sent in it). check: ask the server's ``/status`` now
+    whether the model is deployed and running (else before the first request).
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike,
+        *,
+        host: str | None = None,
+        api_key: str | None = None,
+        tokenizer: str | os.PathLike | None = None,
+        timeout: float = 120.0,
+        connect_timeout: float = 10.0,
+        dtype: torch.dtype = torch.float32,
+        name: str | None = None,
+        check: bool = True,
+    ) -> None:
+        if not isinstance(source, str | os.PathLike) or not str(source):
+            raise TypeError(f"source must be a hub id or a model directory, got {source!r}")
+        for arg, v in (("timeout", timeout), ("connect_timeout", connect_timeout)):
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < float("inf"):
+                raise ValueError(f"{arg} must be a finite number of seconds > 0, got {v!r}")
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.source = _source_id(source)
+        self.local_dry_run = host == "local"
+        self.host, self.api_key = ("local", "") if self.local_dry_run else client.resolve_host(host, api_key)
+        self.timeout, self.connect_timeout = float(timeout), float(connect_timeout)
+        self.name = name or (Path(self.source).name if Path(self.source).is_dir() else self.source)
+        self._dtype = dtype
+        self.hf_config = _config(self.source)
+        arch = (getattr(self.hf_config, "architectures", None) or ["?"])[0]
+        if arch not in SUPPORTED_FAMILIES:
+            raise ValueError(
+                f"source {self.source!r}: architecture {arch!r} has no residual-point mapping; "
+                f"supported: {sorted(SUPPORTED_FAMILIES)}"
+            )
+        self.family = SUPPORTED_FAMILIES[arch]
+        text_cfg = getattr(self.hf_config, "text_config", self.hf_config)
+        self.d_model = int(text_cfg.hidden_size)
+        self.n_layers = int(text_cfg.num_hidden_layers)
+        self.n_ctx = int(text_cfg.max_position_embeddings)
+        self.vocab_size = int(text_cfg.vocab_size)
+        self.sliding_window = getattr(text_cfg, "sliding_window", None)
+        self.points = all_points(self.n_layers)
+        self.config_hash = config_hash(self.hf_config)
+        self.bridge_mode = "hf"  # raw HF modules: the bridge's default numerics
+        self.tokenizer_path = Path(tokenizer) if tokenizer is not None else Path(self.source)
+        self.tokenizer = _tokenizer(str(tokenizer) if tokenizer is not None else self.source)
+        self._lm = _language_model(self.source, self.tokenizer_path)
+        self.model_key = self._lm.to_model_key()
+        self._checked = False
+        if check:
+            self.check()
+
+    # -- identity (the same attributes as LensModel) -------------------------------------------
+    model_id = property(lambda self: self.name)
+    device = property(lambda self: torch.device("cpu"))  # where values are made and results land
+    dtype = property(lambda self: self._dtype)
+    pad_token_id = LensModel.pad_token_id
+    point = LensModel.point
+    point_at_depth = LensModel.point_at_depth
+    spaced_points = LensModel.spaced_points
+    to_tokens = LensModel.to_tokens
+    _forward_kwargs = LensModel._forward_kwargs
+
+    def __repr__(self) -> str:
+        return (
+            f"RemoteModel({self.name!r}, family={self.family!r}, n_layers={self.n_layers}, "
+            f"d_model={self.d_model}, host={self.host!r})"
+        )
+
+    @property
+    def bridge(self) -> Any:
+        raise AttributeError(
+            f"{self!r} runs on a server: it has no TransformerBridge. Patch it through "
+            "xlens_align.patching.forward_patched / xa.patch, read points with run_with_points"
+        )
+
+    def module_path(self, point: str | Point) -> str:
+        """Where `point` is read in the HF module tree, e.g. 'model.layers.3 (output)'."""
+        (s,) = sites_in_order(self.family, [self.point(point)], self.n_layers)
+        return f"{s.path} ({s.side})"
+
+    def hook_name(self, point: str | Point) -> str:
+        """The module path of `point` (a remote model has no TransformerLens hooks)."""
+        return self.module_path(point)
+
+    def check(self) -> None:
+        """Raise `ModelNotDeployed` unless the host reports the model's deployment RUNNING
+        (`ServerUnreachable` / `RemoteTimeout` when the host does not answer)."""
+        if self.local_dry_run:
+            self._checked = True
+            return
+        states = client.deployment_states(self.host, self.api_key, self.connect_timeout)
+        state = states.get(self.model_key, "NOT_DEPLOYED")
+        if state != "RUNNING":
+            running = sorted(k for k, s in states.items() if s == "RUNNING")
+            raise client.ModelNotDeployed(
+                f"model {self.source!r} is {state} on NDIF host {self.host} (model key {self.model_key}); "
+                f"running there: {running or 'nothing'}. Deploy it (or fix the source) first"
+            )
+        self._checked = True
+
+    # -- running -------------------------------------------------------------------------------
+    def run_with_points(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        points: Sequence[str | Point],
+        *,
+        return_logits: bool = False,
+        fwd_hooks: Sequence[Any] = (),
+    ) -> tuple[Tensor | None, dict[str | Point, Tensor]]:
+        """Every requested point (and the logits if asked) from one remote trace; keyed by the
+        points as given, each [batch, pos, d_model] on the CPU."""
+        if fwd_hooks:
+            raise TypeError(f"fwd_hooks: {self!r} takes no TransformerLens hooks; patch with forward_patched")
+        if isinstance(points, str | Point) or not points:
+            raise TypeError(
+                f"points must be a non-empty list of points such as ['resid_post.3'], got {points!r}"
+            )
+        resolved = {p: self.point(p) for p in points}
+        sites = sites_in_order(self.family, list(resolved.values()), self.n_layers)
+        steps = [(self._envoy(s.path), s.side, None, True) for s in sites]
+        acts, logits = self._trace(input_ids, attention_mask, steps, return_logits)
+        got = {}
+        for s, x in zip(sites, acts, strict=True):
+            got[s.point] = self._checked_result(x, input_ids.shape, self.d_model, s.point.name)
+        return logits, {p: got[resolved[p]] for p in points}
+
+    def run_patched(
+        self, input_ids: Tensor, attention_mask: Tensor | None, spec: Mapping[Point, tuple[Any, Any]]
+    ) -> Tensor:
+        """Logits [batch, pos, vocab] with ``spec = {point: (values, positions)}`` written into
+        the stream inside the trace (values computed locally; positions as in `patching`)."""
+        B, T = input_ids.shape
+        writes = {}
+        for pt, (values, positions) in spec.items():
+            writes[self.point(pt)] = _write(pt, values, positions, (B, T, self.d_model), self._dtype)
+        sites = sites_in_order(self.family, list(writes), self.n_layers)
+        steps = [(self._envoy(s.path), s.side, writes[s.point], s.in_place) for s in sites]
+        _, logits = self._trace(input_ids, attention_mask, steps, True)
+        return logits
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, fwd_hooks: Sequence[Any] = ()):
+        """B's clean logits [batch, pos, vocab] from one request."""
+        if fwd_hooks:
+            raise TypeError(f"fwd_hooks: {self!r} takes no TransformerLens hooks; patch with forward_patched")
+        return self.run_patched(input_ids, attention_mask, {})
+
+    # -- one request -------------------------------------------------------------------------------
+    def _envoy(self, path: str) -> Any:
+        e = self._lm
+        for part in path.split("."):
+            e = e[int(part)] if part.isdigit() else getattr(e, part)
+        return e
+
+    def _trace(
+        self, input_ids: Tensor, attention_mask: Tensor | None, steps: list, want_logits: bool
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """One request: read (write is None) or write each (envoy, side, write, in_place) in forward
+        order (`modules.Site.in_place`); returns the reads and the logits (checked) or None."""
+        import nnsight
+
+        self._forward_kwargs(input_ids, attention_mask)  # shape, dtype, ids inside the vocabulary
+        inputs = {"input_ids": input_ids.detach().cpu().long()}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask.detach().cpu().long()
+        if not self._checked:
+            self.check()
+        if self.local_dry_run:
+            kw: dict[str, Any] = {"remote": "local"}
+        else:
+            env = self._lm._remoteable_get_env()
+            kw = {"backend": client.BoundedBackend(
+                self.model_key, self.host, self.api_key, env, self.timeout, self.connect_timeout
+            )}  # fmt: skip
+        lm = self._lm
+        where = f"model {self.source!r} on NDIF host {self.host}"
+        acts, logits = [], None  # saved names are pushed back into this frame by the trace
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore", UserWarning)
+                with lm.trace(inputs, **kw):
+                    acts = []
+                    for envoy, side, write, in_place in steps:
+                        x = envoy.output if side == "output" else envoy.input
+                        if write is None:
+                            acts.append(x)
+                        elif in_place:
+                            x[write[0]] = write[1]
+                        else:
+                            x = x.clone()
+                            x[write[0]] = write[1]
+                            envoy.input = x
+                    acts = nnsight.save(acts)
+                    logits = lm.output.logits.save() if want_logits else None
+        except Exception as e:
+            err = client.translate(e, where)
+            if err is None:
+                raise
+            raise err from e
+        if want_logits:
+            logits = self._checked_result(logits, input_ids.shape, self.vocab_size, "logits")
+        return [a.detach() for a in acts], logits
+
+    def _checked_result(self, x: Any, shape: torch.Size, width: int, what: str) -> Tensor:
+        B, T = int(shape[0]), int(shape[1])
+        if not isinstance(x, Tensor):
+            raise client.RemoteResultError(
+                f"{self.name}: {what} came back as {type(x).__name__}, not a tensor"
+            )
+        x = x.detach().cpu()
+        if x.ndim == 2 and B == 1 and tuple(x.shape) == (T, width):
+            x = x.unsqueeze(0)  # nnsight may drop a batch dimension of 1 remotely
+        if tuple(x.shape) != (B, T, width):
+            raise client.RemoteResultError(
+                f"{self.name} on {self.host}: {what} came back with shape {tuple(x.shape)}, expected {(B, T, width)}"
+            )
+        if not torch.isfinite(x).all():
+            n = int((~torch.isfinite(x)).sum())
+            raise client.RemoteResultError(f"{self.name} on {self.host}: {what} contains {n} inf/NaN values")
+        return x
+
+
+def _write(
+    point: Point, values: Any, positions: Any, shape: tuple[int, int, int], dtype: torch.dtype
+) -> tuple:
+    """(index, values) for ``x[index] = values`` inside the trace, checked here on an empty
+    tensor of the stream's shape so a bad write fails locally, before any request."""
+    if not isinstance(values, Tensor):
+        raise TypeError(
+            f"values for point {point.name!r}: a remote model takes tensors (computed locally), "
+            f"not {type(values).__name__}"
+        )
+    values = values.detach().to("cpu", dtype)
+    if positions is None:
+        index: tuple = (Ellipsis,)
+    elif isinstance(positions, tuple):
+        index = (positions[0].cpu().long(), positions[1].cpu().long())
+    elif positions.dtype == torch.bool:
+        mask = positions.cpu()
+        if tuple(values.shape[:2]) == tuple(mask.shape):
+            values = values[mask]
+        index = torch.nonzero(mask, as_tuple=True)
+    else:
+        index = (slice(None), positions.cpu().long())
+    try:
+        torch.empty(shape, dtype=dtype)[index] = values
+    except (IndexError, RuntimeError) as e:
+        raise ValueError(
+            f"cannot write values of shape {tuple(values.shape)} into the stream at {point.name!r} "
+            f"(stream shape {shape}): {e}"
+        ) from e
+    return index, values
+
+
+def _source_id(source: str | os.PathLike) -> str:
+    p = Path(source).expanduser()
+    return str(p.resolve()) if p.is_dir() else str(source)
+
+
+def _config(source: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"source {source!r}: no local config (a model directory, or a hub id in the local Hugging Face "
+            f"cache, is needed for the tokenizer and the point mapping): {e}"
+        ) from e
+
+
+def _tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"tokenizer {path!r}: cannot load it locally: {e}") from e
+
+
+def _language_model(source: str, tokenizer_path: Path) -> Any:
+    """nnsight's text-generation model on the meta device (its key is what the server deploys)."""
+    from nnsight.modeling.huggingface import _ID_CACHE
+    from nnsight.modeling.transformers import TransformersModel
+
+    _ID_CACHE.setdefault(source, source)  # no hub lookup for the key: the source is the id
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TransformersModel(source, task="text-generation", tokenizer=str(tokenizer_path))
