@@ -114,6 +114,18 @@ def test_real_pair_every_chunk_spells_the_same_text(llama, mistral, order):
     cov = batch.coverage()
     assert cov["char_coverage"] == pytest.approx(1.0)
     assert 0.3 < cov["one_to_one_char_coverage"] < 1.0
+    # the share counted by hand: characters of chunks that are one token on both sides
+    one = sum(
+        c.char_end - c.char_start
+        for i in range(len(batch))
+        for c in batch.chunk_table(i)
+        if c.n_a == c.n_b == 1
+    )
+    assert cov["one_to_one_char_coverage"] == pytest.approx(one / sum(map(len, texts)), abs=1e-12)
+    n_chunks = sum(len(batch.chunk_table(i)) for i in range(len(batch)))
+    assert cov["tokens_per_chunk_a"] == pytest.approx(
+        int(batch.attention_mask_a.sum() - len(batch)) / n_chunks
+    )
 
 
 def test_real_pair_expected_chunks(llama, mistral):
@@ -194,6 +206,9 @@ def test_pydoc_coverage(llama, mistral):
     assert cov["char_coverage"] >= 0.95
     assert cov["one_to_one_char_coverage"] >= 0.8  # measured 0.870 (Llama 3 vs Mistral v1)
     assert cov["tokens_per_chunk_a"] < 1.05 and cov["tokens_per_chunk_b"] < 1.3
+    # the pydoc text ships with the package, so these are the same on every machine and Python
+    assert (cov["chunks"], cov["tokens_a"], cov["tokens_b"]) == (52490, 52679, 59264)
+    assert cov["one_to_one_char_coverage"] == pytest.approx(0.8697401153866512, abs=1e-12)
     check_alignment(batch, llama, mistral, decode=False)
     assert verify(batch, llama, mistral, rows=range(0, len(batch), 23)) == []
 
