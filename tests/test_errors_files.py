@@ -1,7 +1,6 @@
-"""Bad files and bad model sources get clear errors naming the path, tensor, argument or device:
-map files (round trip at every header length, damaged tensors, truncated or garbage files, pickles
-never unpickled, unwritable targets), map hyper-parameters, model checkpoints, tokenizers, devices
-and token ids outside the vocabulary."""
+"""Bad files and model sources get errors naming the path, tensor, argument or device: map files
+(round trips at every header length, damaged tensors, cut or garbage files, pickles never unpickled,
+unwritable targets), hyper-parameters, checkpoints, tokenizers, devices, ids beyond the vocabulary."""
 
 from __future__ import annotations
 
@@ -347,12 +346,16 @@ def test_model_directory_without_tokenizer_suggests_tokenizer(small_dir, tmp_pat
 @pytest.mark.parametrize(
     "device", ["cuda:97", "gpu", "meta", "mps:5"] + ([] if torch.cuda.is_available() else ["cuda"])
 )
-def test_unavailable_device_is_refused_before_loading(small_dir, device, monkeypatch):
+def test_unavailable_device_is_refused_before_loading(small_dir, fitted, device, monkeypatch, tmp_path):
     path, tok = small_dir
     monkeypatch.setattr(xa.packaged, "load_causal_lm", _no_weights)
     monkeypatch.setattr(xa.models, "load_hf", _no_weights)
     with pytest.raises(ValueError, match=rf"device.*{re.escape(repr(device))}"):
         xa.load_model(str(path), tokenizer=tok, device=device)
+    with pytest.raises(
+        ValueError, match=rf"^device.*{re.escape(repr(device))}"
+    ):  # not "truncated or corrupt"
+        load(fitted["affine"].save(tmp_path / "m.safetensors"), device=device)
 
 
 def test_tokenizer_beyond_the_vocabulary_is_refused():

@@ -12,7 +12,11 @@ fitted tensors (names as the attributes: ``weight_``, ``bias_``, ``prep_x_.offse
 - ``provenance``: JSON of `AlignmentMap.provenance` (points, model ids and config hashes, ...).
 
 Reading goes through `safetensors` only (`safe_open`), after sniffing the header, so a pickle
-or zip checkpoint is refused before anything is deserialised.
+or zip checkpoint is refused before anything is deserialised: a map file is never unpickled. A
+file that cannot be read (empty, cut anywhere, garbage, a header that is not JSON) is reported as
+``"<path> is truncated or corrupt: <detail>"``. Every tensor is checked on the way in: finite
+(`read_tensors`), and present with the shape its kind, dimensions and preprocessing imply, with
+nothing left over (`check_map_tensors`); each error names the path and the tensor.
 
 Files written before the ``clamp`` -> ``winsorize`` rename (hyper-parameter ``clamp``, tensors
 ``prep_x_.clamp_lo`` / ``clamp_hi``) load unchanged: the map classes translate the old names.
@@ -36,6 +40,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from xlens_align.files import atomic_path
+from xlens_align.loading import check_device
 from xlens_align.maps.preprocess import Preprocessor
 
 __all__ = [
@@ -164,6 +169,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 def read_tensors(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, Tensor]:
     """All tensors of a map file (whose metadata `read_metadata` has already checked); every
     floating tensor must be finite (ValueError naming the tensor otherwise)."""
+    device = check_device(device)  # an unusable device is not a damaged file
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
