@@ -70,6 +70,10 @@ def test_remote_points_and_patches_equal_the_bridge(checkpoints, family):
     assert worst <= 1e-6, f"{family}: a remote point differs from the bridge's by {worst:.2e} (relative)"
     assert (acts_l["embed"] - acts_r["embed"])[real].abs().max().item() == 0.0  # gemma3's scaling included
     assert (lg_l - lg_r)[real].abs().max().item() <= 1e-5
+    # the raw HF forward on the server (the CLI's forward check): hidden_states[-1] is `final`
+    hf = remote.hf_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert len(hf.hidden_states) == remote.n_layers + 1
+    assert torch.equal(hf.hidden_states[-1][real], acts_r["final"][real]) and torch.equal(hf.logits, lg_r)
     # a write at every kind of point: the same logits as the bridge's hooks
     g = torch.Generator().manual_seed(0)
     cells = (torch.tensor([0, 1, 0]), torch.tensor([2, 1, 4]))

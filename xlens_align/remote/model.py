@@ -21,6 +21,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -169,7 +170,7 @@ class RemoteModel:
         resolved = {p: self.point(p) for p in points}
         sites = sites_in_order(self.family, list(resolved.values()), self.n_layers)
         steps = [(self._envoy(s.path), s.side, None, True) for s in sites]
-        acts, logits = self._trace(input_ids, attention_mask, steps, return_logits)
+        acts, logits, _ = self._trace(input_ids, attention_mask, steps, return_logits)
         got = {}
         for s, x in zip(sites, acts, strict=True):
             got[s.point] = self._checked_result(x, input_ids.shape, self.d_model, s.point.name)
@@ -186,14 +187,26 @@ class RemoteModel:
             writes[self.point(pt)] = _write(pt, values, positions, (B, T, self.d_model), self._dtype)
         sites = sites_in_order(self.family, list(writes), self.n_layers)
         steps = [(self._envoy(s.path), s.side, writes[s.point], s.in_place) for s in sites]
-        _, logits = self._trace(input_ids, attention_mask, steps, True)
-        return logits
+        return self._trace(input_ids, attention_mask, steps, True)[1]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, fwd_hooks: Sequence[Any] = ()):
         """B's clean logits [batch, pos, vocab] from one request."""
         if fwd_hooks:
             raise TypeError(f"fwd_hooks: {self!r} takes no TransformerLens hooks; patch with forward_patched")
         return self.run_patched(input_ids, attention_mask, {})
+
+    @property
+    def hf_model(self) -> Any:
+        """The raw HF forward, run as one request: ``hf_model(input_ids=..., attention_mask=...,
+        output_hidden_states=True)`` returns an object with ``.logits`` and ``.hidden_states`` (a
+        check of the point mapping against HF's own outputs, as the CLI's forward check does)."""
+        return self._hf_forward
+
+    def _hf_forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, output_hidden_states: bool = False
+    ) -> SimpleNamespace:
+        _, logits, states = self._trace(input_ids, attention_mask, [], True, bool(output_hidden_states))
+        return SimpleNamespace(logits=logits, hidden_states=None if states is None else tuple(states))
 
     # -- one request -------------------------------------------------------------------------------
     def _envoy(self, path: str) -> Any:
@@ -203,16 +216,24 @@ class RemoteModel:
         return e
 
     def _trace(
-        self, input_ids: Tensor, attention_mask: Tensor | None, steps: list, want_logits: bool
-    ) -> tuple[list[Tensor], Tensor | None]:
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        steps: list,
+        want_logits: bool,
+        hidden: bool = False,
+    ) -> tuple[list[Tensor], Tensor | None, list[Tensor] | None]:
         """One request: read (write is None) or write each (envoy, side, write, in_place) in forward
-        order (`modules.Site.in_place`); returns the reads and the logits (checked) or None."""
+        order (`modules.Site.in_place`); returns the reads, the logits (checked) or None, and HF's
+        ``hidden_states`` (checked) when `hidden`."""
         import nnsight
 
         self._forward_kwargs(input_ids, attention_mask)  # shape, dtype, ids inside the vocabulary
         inputs = {"input_ids": input_ids.detach().cpu().long()}
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask.detach().cpu().long()
+        if hidden:
+            inputs["output_hidden_states"] = True
         if not self._checked:
             self.check()
         if self.local_dry_run:
@@ -224,7 +245,7 @@ class RemoteModel:
             )}  # fmt: skip
         lm = self._lm
         where = f"model {self.source!r} on NDIF host {self.host}"
-        acts, logits = [], None  # saved names are pushed back into this frame by the trace
+        acts, logits, states = [], None, None  # saved names are pushed back into this frame by the trace
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore", UserWarning)
@@ -242,6 +263,7 @@ class RemoteModel:
                             envoy.input = x
                     acts = nnsight.save(acts)
                     logits = lm.output.logits.save() if want_logits else None
+                    states = nnsight.save(list(lm.output.hidden_states)) if hidden else None
         except Exception as e:
             err = client.translate(e, where)
             if err is None:
@@ -249,7 +271,9 @@ class RemoteModel:
             raise err from e
         if want_logits:
             logits = self._checked_result(logits, input_ids.shape, self.vocab_size, "logits")
-        return [a.detach() for a in acts], logits
+        if hidden:
+            states = [self._checked_result(h, input_ids.shape, self.d_model, "hidden_states") for h in states]
+        return [a.detach() for a in acts], logits, states
 
     def _checked_result(self, x: Any, shape: torch.Size, width: int, what: str) -> Tensor:
         B, T = int(shape[0]), int(shape[1])
