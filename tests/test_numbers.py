@@ -150,7 +150,7 @@ class Linear:
 
 
 def _word_tokens(pair, text):
-    """B's ids (with BOS) of a text whose words are single tokens on both sides: the aligned
+    """A's and B's ids (with BOS) of a text whose words are single tokens on both sides: the aligned
     chunks are the words, so A is read and B written at every text token (positions 1..n)."""
     ea = pair.a.tokenizer(text, return_offsets_mapping=True)
     eb = pair.b.tokenizer(text, return_offsets_mapping=True)
