@@ -193,21 +193,18 @@ def test_garbage_files_are_truncated_or_corrupt(tmp_path):
             load(path)
 
 
-class _Trap:
-    """Unpickling this creates a directory: proof that a file was unpickled."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
+class _Trap(str):
+    """Unpickling this creates the directory it names: proof that a file was unpickled."""
 
     def __reduce__(self):
-        return (Path.mkdir, (self.marker,))
+        return (Path.mkdir, (Path(self),))
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_pickles_are_refused_never_unpickled(tmp_path, protocol):
     marker = tmp_path / "unpickled"
     path = tmp_path / "trap.safetensors"
-    path.write_bytes(pickle.dumps({"weight_": _Trap(marker)}, protocol=protocol))
+    path.write_bytes(pickle.dumps({"weight_": _Trap(str(marker))}, protocol=protocol))
     with pytest.raises(ValueError, match=rf"^{_p(path)} is a Python pickle.*refusing to unpickle"):
         load(path)
     zipped = tmp_path / "zipped.safetensors"
@@ -389,11 +386,14 @@ def test_ids_outside_the_vocabulary_are_named(small_dir, bad):
         b"GGUF" + struct.pack("<I", 6255337) + bytes(64),  # a version no reader knows
         b"GGUF" + struct.pack("<I", 3) + bytes(5),  # cut inside the header
         b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + struct.pack("<Q", 50) + b"general.arch",  # cut in a key
+        b"FUGG" + bytes(60),  # a bad magic
+        b"",
     ],
 )
 def test_damaged_gguf_is_truncated_or_corrupt(tmp_path, data, monkeypatch):
     monkeypatch.setenv("XLENS_ALIGN_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "model.gguf"
     path.write_bytes(data)
-    with pytest.raises(ValueError, match=rf"^{_p(path)} is truncated or corrupt: "):
+    damaged = rf"^{_p(path)} is (not a GGUF file, or it is )?truncated or corrupt: "
+    with pytest.raises(ValueError, match=damaged):
         xa.load_model(str(path))

@@ -103,8 +103,8 @@ def gguf_to_cache(path: str | os.PathLike, dest: Path | None = None) -> Path:
         raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
     if not is_gguf(path):
         raise ValueError(
-            f"{str(path)!r} is not a GGUF file (its first bytes are not {GGUF_MAGIC!r}); pass a .gguf file, "
-            "a Hugging Face model directory or a packaged model name"
+            f"{path} is not a GGUF file, or it is truncated or corrupt: its first bytes are not {GGUF_MAGIC!r} "
+            f"({path.stat().st_size} bytes); pass a .gguf file, a Hugging Face model directory or a packaged model name"
         )
     if dest is None:
         st = path.stat()
