@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from xlens_align import cli
 
@@ -119,3 +120,35 @@ def test_demo_refuses_more_passages_than_the_corpus_has(monkeypatch, capsys, tmp
     err = capsys.readouterr().err
     assert "--n-held 100000" in err and "has only" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (["--device", "gpu"], "argument --device: 'gpu' is not a torch device"),
+        (
+            ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"],
+            "argument --device: 'cuda",
+        ),
+        (
+            ["--corpus", "/no/such/corpus.txt"],
+            "--corpus '/no/such/corpus.txt': corpus '/no/such/corpus.txt' not found",
+        ),
+    ],
+)
+def test_demo_refuses_missing_devices_and_corpora(monkeypatch, capsys, tmp_path, given, expected):
+    monkeypatch.setattr(cli, "_tiny_pair", lambda args: pytest.fail("models loaded before the refusal"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--tiny", *given, "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_refuses_an_out_folder_that_is_a_file(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(cli, "_tiny_pair", lambda args: pytest.fail("models loaded before the refusal"))
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--tiny", "--out", str(tmp_path / "taken")])
+    assert e.value.code == 2
+    assert f"--out '{tmp_path / 'taken'}': cannot make that folder" in capsys.readouterr().err

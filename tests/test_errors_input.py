@@ -258,3 +258,10 @@ def test_stats_grid_and_grids_check_their_point_lists():
         S.MinibatchCKA(minibatch_size=8).update(X[:3], Y[:3]).compute()
     with pytest.raises(ValueError, match="keep must be a fraction of variance"):
         S.svcca(X, Y, keep=True)
+
+
+def test_layer_grid_names_keywords_nobody_takes(tiny_pair):
+    with pytest.raises(
+        TypeError, match=r"layer_grid got unexpected keyword arguments \['max_token'\].*'max_length'"
+    ):
+        S.layer_grid(tiny_pair, ["hello world"], "cka", *POINTS, max_token=8)

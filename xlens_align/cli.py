@@ -65,6 +65,25 @@ def _at_least(lo: int) -> Any:
     return parse
 
 
+def _device(text: str) -> str:
+    """An argparse `type=` for --device: a torch device that exists on this machine."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
+    return text
+
+
 def _spaced(model: Any, k: int) -> list[str]:
     """k resid_post points evenly spaced over depth, plus 'embed'."""
     return ["embed", *model.spaced_points(k)]
@@ -97,7 +116,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import xlens_align as xa
 
     t0 = time.time()
-    corpus = xa.corpus.load(args.corpus, seed=0)  # first: a too-small corpus is refused before any work
+    try:  # first: a missing or too-small corpus is refused before any work
+        corpus = xa.corpus.load(args.corpus, seed=0)
+    except (OSError, ValueError) as e:
+        _refuse(f"--corpus {args.corpus!r}: {e}")
     for opt, have, want in (
         ("--n-train", corpus.train, args.n_train),
         ("--n-held", corpus.held_out, args.n_held),
@@ -105,7 +127,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if len(have) < want:
             _refuse(f"{opt} {want}: corpus {args.corpus!r} has only {len(have)} such passages")
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _refuse(f"--out {args.out!r}: cannot make that folder ({e.strerror or e})")
     report: dict[str, Any] = {}
     models = (
         f"tiny random-init Llama + Mistral ({args.device}, {args.dtype})"
@@ -266,7 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--points", type=_at_least(2), default=6, help="resid_post points per model in the grids (>= 2)"
     )
     d.add_argument("--batch-size", type=_at_least(1), default=8, help="texts per forward pass (>= 1)")
-    d.add_argument("--device", default="cpu")
+    d.add_argument(
+        "--device", type=_device, default="cpu", help="torch device of both models (cpu, cuda, ...)"
+    )
     d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     d.add_argument("--out", default="out/demo", help="folder for the report and heatmaps")
     d.add_argument("--no-progress", action="store_true")

@@ -10,6 +10,7 @@ here); the grid records the settings in ``extra["rows"]`` and the dropped rows i
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -30,6 +31,30 @@ from .rowstore import RowStore
 from .streaming import MinibatchCKA
 
 __all__ = ["MEASURES", "MIN_GRID_ROWS", "grid_from_batches", "layer_grid"]
+
+
+def _check_collect_kw(collect: Callable[..., Any], kw: Mapping[str, Any]) -> None:
+    """TypeError naming the keywords `layer_grid` got that neither it nor `collect` takes."""
+    params = inspect.signature(collect).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    own = {
+        "pair",
+        "texts",
+        "points_a",
+        "points_b",
+        "batch_size",
+        "drop_first",
+        "clamp",
+        "progress",
+        "massive",
+    }
+    unknown = sorted(set(kw) - set(params))
+    if unknown:
+        passed = sorted(set(params) - own)
+        raise TypeError(
+            f"layer_grid got unexpected keyword arguments {unknown}; besides its own it passes {passed} to collect"
+        )
 
 
 def _point_list(points: Any, arg: str) -> list[str] | None:
@@ -282,6 +307,7 @@ def layer_grid(
             raise ValueError("pass a ModelPair (or a batch source via source=)")
         from xlens_align.activations import collect
 
+        _check_collect_kw(collect, collect_kw)
         source = collect(
             pair,
             texts,
