@@ -265,3 +265,20 @@ def test_layer_grid_names_keywords_nobody_takes(tiny_pair):
         TypeError, match=r"layer_grid got unexpected keyword arguments \['max_token'\].*'max_length'"
     ):
         S.layer_grid(tiny_pair, ["hello world"], "cka", *POINTS, max_token=8)
+
+
+def test_grid_from_json_says_what_it_takes(tmp_path):
+    g = S.Grid(torch.eye(2), ["a0", "a1"], ["b0", "b1"], "cka", 10)
+    path = tmp_path / "g.json"
+    path.write_text(g.to_json())
+    assert S.Grid.from_json(path.read_text()).values.tolist() == g.values.tolist()
+    with pytest.raises(ValueError, match=r"text is not JSON .*takes the JSON text itself .*got '/"):
+        S.Grid.from_json(str(path))
+    with pytest.raises(
+        ValueError, match=r"not a Grid's: it lacks \['points_a', 'points_b', 'measure', 'n_tokens'\]"
+    ):
+        S.Grid.from_json('{"values": []}')
+    with pytest.raises(ValueError, match=r"not a Grid's: a list, not an object"):
+        S.Grid.from_json("[1, 2]")
+    with pytest.raises(TypeError, match=r"text must be a Grid's JSON text \(str\), got PosixPath"):
+        S.Grid.from_json(path)

@@ -137,7 +137,21 @@ class Grid:
 
     @classmethod
     def from_json(cls, text: str) -> Grid:
-        d = json.loads(text)
+        """The `Grid` whose `to_json` text is `text` (the text, not a path: ``Path(p).read_text()``)."""
+        if not isinstance(text, str | bytes):
+            raise TypeError(f"text must be a Grid's JSON text (str), got {type(text).__name__}")
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise ValueError(
+                f"text is not JSON ({e}); Grid.from_json takes the JSON text itself (for a file: "
+                f"Grid.from_json(Path(path).read_text())), got {text[:60]!r}"
+            ) from None
+        if not isinstance(d, dict):
+            raise ValueError(f"text is JSON but not a Grid's: a {type(d).__name__}, not an object")
+        missing = [k for k in ("values", "points_a", "points_b", "measure", "n_tokens") if k not in d]
+        if missing:
+            raise ValueError(f"text is JSON but not a Grid's: it lacks {missing}")
         vals = [[math.nan if v is None else float(v) for v in row] for row in d["values"]]
         values = torch.tensor(vals, dtype=torch.float64).reshape(len(d["points_a"]), len(d["points_b"]))
         return cls(
