@@ -152,3 +152,13 @@ def test_demo_refuses_an_out_folder_that_is_a_file(monkeypatch, capsys, tmp_path
         cli.main(["demo", "--tiny", "--out", str(tmp_path / "taken")])
     assert e.value.code == 2
     assert f"--out '{tmp_path / 'taken'}': cannot make that folder" in capsys.readouterr().err
+
+
+def test_demo_refuses_passages_cut_too_short_to_leave_rows(monkeypatch, capsys, tmp_path, tiny_pair):
+    monkeypatch.setattr(cli, "_tiny_pair", lambda args: tiny_pair)
+    args = ["demo", "--tiny", "--no-progress", "--n-train", "4", "--n-held", "2", "--max-chars", "3"]
+    with pytest.raises(SystemExit) as e:
+        cli.main([*args, "--out", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--n-train 4 with --max-chars 3 leaves" in err and "needs at least 4: raise --max-chars" in err

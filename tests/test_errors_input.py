@@ -282,3 +282,16 @@ def test_grid_from_json_says_what_it_takes(tmp_path):
         S.Grid.from_json("[1, 2]")
     with pytest.raises(TypeError, match=r"text must be a Grid's JSON text \(str\), got PosixPath"):
         S.Grid.from_json(path)
+
+
+def test_numpy_numbers_count_as_numbers_and_bools_do_not():
+    import numpy as np
+
+    from xlens_align.validate import nonneg_int, positive_float
+
+    assert nonneg_int(np.int64(2), "drop_first") == 2 and type(nonneg_int(np.int64(2), "drop_first")) is int
+    assert positive_float(np.float32(0.5), "massive") == 0.5
+    assert xa.RowFilter(drop_first=np.int32(3)).drop_first == 3
+    for bad in (True, np.bool_(True), 1.5, np.float64("nan")):
+        with pytest.raises(ValueError, match=r"drop_first must be an int >= 0, got"):
+            xa.RowFilter(drop_first=bad)

@@ -171,6 +171,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ho = list(xa.collect(pair, held, pts_a, pts_b, **kw))
     n_tr, n_ho = sum(pb.n for pb in tr), sum(pb.n for pb in ho)
     _log(f"{n_tr} train rows, {n_ho} held-out rows at {len(pts_a)} x {len(pts_b)} points")
+    for opt, n, need in (("--n-train", n_tr, 4), ("--n-held", n_ho, 2)):
+        if n < need:
+            _refuse(
+                f"{opt} {getattr(args, opt[2:].replace('-', '_'))} with --max-chars {args.max_chars} leaves {n} "
+                f"aligned rows after the first token of each text is dropped; the demo needs at least {need}: "
+                "raise --max-chars or the number of passages"
+            )
 
     _log(
         "\n== CKA between every layer pair (debiased minibatch CKA), with and without massive-activation filters"
