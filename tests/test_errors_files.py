@@ -160,19 +160,10 @@ def test_unexpected_tensor_is_named(fitted, tmp_path):
 
 
 # -- truncated, garbage, pickles -----------------------------------------------------------------
-def _odd_map(tmp_path: Path) -> Path:
-    """A valid map file whose header length is 128 mod 256 (its first byte is 0x80)."""
-    m = Affine().fit(_rows(20, 3, 4), _rows(20, 2, 5))
-    for length in range(256):
-        path = m.bind(note="y" * length).save(tmp_path / "odd.safetensors")
-        if path.read_bytes()[0] == 0x80:
-            return path
-    raise AssertionError("no header length hit 128 mod 256")
-
-
-def test_every_prefix_of_a_map_file_is_truncated_or_corrupt(tmp_path):
-    raw = _odd_map(tmp_path).read_bytes()
-    cut = tmp_path / "cut.safetensors"
+def test_every_prefix_of_a_map_file_is_truncated_or_corrupt(fitted, tmp_path):
+    m, cut = fitted["cca"], tmp_path / "cut.safetensors"
+    raws = (m.bind(note="y" * k).save(tmp_path / "odd.safetensors").read_bytes() for k in range(256))
+    raw = next(r for r in raws if r[0] == 0x80)  # header length 128 mod 256, a pickle's first byte
     for k in range(len(raw)):
         cut.write_bytes(raw[:k])
         with pytest.raises(ValueError, match=rf"^{_p(cut)} is truncated or corrupt: "):
@@ -262,6 +253,16 @@ def test_non_finite_hyper_parameters_are_refused(make, name, value):
         make(value).fit(X, Y)
 
 
+def test_seeds_and_switches_must_have_their_type():
+    X, Y, nan = _rows(30, 4, 6), _rows(30, 3, 7), float("nan")
+    for m, name in [(Affine(alpha="cv", seed=nan), "seed"), (MLP(seed="1", progress=False), "seed")]:
+        with pytest.raises(TypeError, match=rf"^{name} must be an int, got"):
+            m.fit(X.float(), Y.float())
+    for m, name in [(Procrustes(scale="yes"), "scale"), (Affine(refit=1), "refit")]:
+        with pytest.raises(TypeError, match=rf"^{name} must be True or False, got"):
+            m.fit(X, Y)
+
+
 def test_overflowing_alpha_and_moments_are_named():
     X, Y = _rows(30, 4, 8), _rows(30, 3, 9)
     for m in (Affine(alpha=1e308), LowRank(rank=2, alpha=1e308), Affine(alpha="cv", alphas=(1e308,))):
@@ -303,13 +304,10 @@ def test_checkpoint_missing_misshaped_or_cut_weights_is_refused(small_dir, tmp_p
     path = _variant(small_dir, tmp_path, lambda w: w.pop(name))
     with pytest.raises(ValueError, match=rf"checkpoint {_p(path)} .*{_p(name)} \(missing\)"):
         xa.load_model(str(path), tokenizer=tok)
-    save_file(
-        {**load_file(str(small_dir[0] / "model.safetensors")), "model.norm.weight": torch.ones(5)},
-        str(path / "model.safetensors"),
-    )
-    with pytest.raises(
-        ValueError, match=rf"{_p(path)} .*model\.norm\.weight \(shape \[5\] in the file vs \[32\]"
-    ):
+    weights = {**load_file(str(small_dir[0] / "model.safetensors")), "model.norm.weight": torch.ones(5)}
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    misshaped = rf"{_p(path)} .*model\.norm\.weight \(shape \[5\] in the file vs \[32\]"
+    with pytest.raises(ValueError, match=misshaped):
         xa.load_model(str(path), tokenizer=tok)
     raw = (small_dir[0] / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(raw[: len(raw) // 2])

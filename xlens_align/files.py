@@ -8,16 +8,18 @@ never leaves a half-written file under the real name.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-__all__ = ["atomic_path", "held_out_count", "split_indices"]
+__all__ = ["atomic_path", "check_seed", "held_out_count", "split_indices"]
 
 
 @contextlib.contextmanager
@@ -59,6 +61,16 @@ def _umask() -> int:
     return mask
 
 
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """`seed` as an int (numpy ints accepted); TypeError naming `name` for a float, str or bool."""
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        return operator.index(seed)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {seed!r}") from None
+
+
 def held_out_count(held_out: float | int, n: int, name: str = "held_out") -> int:
     """How many of `n` items a `held_out` fraction in [0, 1) or int count holds out.
 
@@ -90,5 +102,5 @@ def split_indices(
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"need at least one item to split, got n={n!r}")
     k = held_out_count(held_out, n, name)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(check_seed(seed)))
     return perm[k:].sort().values, perm[:k].sort().values

@@ -122,6 +122,11 @@ def _check_stats(stats: Any, name: str) -> None:
         raise ValueError(f"{name} hold {stats.n} rows; fitting needs at least 2")
 
 
+def _check_bool(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def _bounded_int(value: Any, name: str, upper: int, upper_name: str) -> int:
     if positive_int(value, name) > upper:
         raise ValueError(f"{name}={value} exceeds {upper_name}={upper}")
@@ -145,6 +150,9 @@ class Procrustes(LinearMap):
     ) -> None:
         self.scale = scale
         self._set_preprocessing(preprocessing)
+
+    def _check_params(self, d_in: int, d_out: int) -> None:
+        _check_bool(self.scale, "scale")
 
     def _tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         return {**super()._tensor_shapes(), "rotation_": (self.d_in_, self.d_out_)}
@@ -198,6 +206,7 @@ class Affine(LinearMap):
         return isinstance(self.alpha, str)
 
     def _check_params(self, d_in: int, d_out: int) -> None:
+        _check_bool(self.refit, "refit")
         if self._cv:
             if self.alpha != "cv":
                 raise ValueError(f"alpha must be a float >= 0 or 'cv', got {self.alpha!r}")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from xlens_align.files import split_indices
+from xlens_align.files import check_seed, split_indices
 from xlens_align.maps import training
 from xlens_align.maps.base import AlignmentMap, register
 from xlens_align.maps.preprocess import Preprocessing, PreprocessingParams, Preprocessor
@@ -67,6 +67,7 @@ def check_net_params(m: Any, ints: tuple[str, ...], floats: tuple[str, ...]) -> 
     for name in floats:
         nonneg_float(getattr(m, name), name)
     positive_float(m.lr, "lr")
+    check_seed(m.seed)
     if m.val_every is not None:
         positive_int(m.val_every, "val_every")
     if m.activation not in ACTIVATIONS:
