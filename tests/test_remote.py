@@ -235,3 +235,21 @@ def test_remote_bad_arguments(checkpoints):
         m.bridge  # noqa: B018
     with pytest.raises(TypeError, match="it lacks"):
         xa.ModelPair(m, object())
+
+
+def test_remote_local_server_deploy_file_and_arguments(checkpoints, tmp_path):
+    from xlens_align.remote.local import LocalServer, _deploy_file, scripts_dir
+
+    text = _deploy_file([checkpoints["llama"], checkpoints["mistral"]], scripts_dir())
+    for fam in ("llama", "mistral"):
+        assert f"model_key: '{model_key(checkpoints[fam])}'" in text
+        assert f"checkpoint: {checkpoints[fam]}" in text
+    assert text.count("actor_class: xlens_cpu_actor.CPUModelActor") == 2
+    assert "@PATH@" not in text and "@MODELS@" not in text and "@SIZE_BYTES@" not in text
+    server = LocalServer([checkpoints["llama"]])
+    assert len(set(server.ports.values())) == 6 and server.host.startswith("http://127.0.0.1:")
+    assert server.stop() == ""  # nothing started, nothing stopped
+    with pytest.raises(TypeError, match="non-empty list of checkpoint directories"):
+        LocalServer([])
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        LocalServer([tmp_path])

@@ -120,8 +120,9 @@ class RemoteModel:
     @property
     def bridge(self) -> Any:
         raise AttributeError(
-            f"{self!r} runs on a server: it has no TransformerBridge. Patch it through "
-            "xlens_align.patching.forward_patched / xa.patch, read points with run_with_points"
+            f"{self!r} runs on a server: it has no TransformerBridge (nor TransformerLens hooks, so no "
+            "xa.patch block). Patch it with xlens_align.patching.forward_patched(model, ids, mask, "
+            "{point: (values, positions)}) and read points with run_with_points"
         )
 
     def module_path(self, point: str | Point) -> str:
