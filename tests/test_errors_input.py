@@ -112,7 +112,7 @@ def test_grid_emptied_by_drop_first_names_the_filter(tiny_pair):
 def test_grid_on_a_handful_of_rows_warns_naming_n(tiny_pair):
     text = "The quick brown fox jumps"
     n, _ = _rows(tiny_pair, [text])
-    assert 4 <= n < S.sweep.MIN_GRID_ROWS
+    assert 4 <= n < S.MIN_GRID_ROWS
     with pytest.warns(S.SmallSampleWarning, match=rf"grid rests on n={n} rows; it needs at least 32") as rec:
         g = S.layer_grid(tiny_pair, [text], "cka", *POINTS, progress=False)
     assert g.n_tokens == n and "can be negative" in str(rec[0].message)
@@ -124,7 +124,7 @@ def test_grid_on_enough_rows_does_not_warn(tiny_pair):
     with warnings.catch_warnings():
         warnings.simplefilter("error", S.SmallSampleWarning)
         g = S.layer_grid(tiny_pair, texts, "cka", *POINTS, progress=False, drop_first=1, massive=5.0)
-    assert g.n_tokens >= S.sweep.MIN_GRID_ROWS
+    assert g.n_tokens >= S.MIN_GRID_ROWS
 
 
 # -- scale invariance ----------------------------------------------------------------------------

@@ -7,7 +7,12 @@ in one pass), `cka_from_stats` / `cka_grid_from_stats` (from `xlens_align.stats`
 Controls: `permutation_test`, `bootstrap_ci`. Layer grids: `layer_grid` -> `Grid`.
 
 Degenerate input (all rows identical) gives the measure's "no shared structure" value with a
-`DegenerateInputWarning`; non-finite, non-2-D or mismatched input raises ValueError.
+`DegenerateInputWarning`; non-finite, non-2-D or mismatched input raises ValueError. Every measure
+here is scale invariant, and each input is first multiplied by a power of two (exact) that brings
+its largest |value| near 1, so values near 1e200 or 1e-200 give the same result as values near 1.
+A grid on fewer rows than its measure needs raises ValueError (how many aligned rows there are,
+how many are needed, what the row filters took); one on fewer than `MIN_GRID_ROWS` (32) warns with
+`SmallSampleWarning`.
 """
 
 from ._util import DegenerateInputWarning, SmallSampleWarning
@@ -26,10 +31,11 @@ from .controls import Interval, bootstrap_ci, permutation_test
 from .geometry import knn_indices, mutual_knn, procrustes_distance, rankdata, rdm, rsa, spearman
 from .grid import Grid
 from .streaming import MinibatchCKA
-from .sweep import MEASURES, grid_from_batches, layer_grid
+from .sweep import MEASURES, MIN_GRID_ROWS, grid_from_batches, layer_grid
 
 __all__ = [
     "MEASURES",
+    "MIN_GRID_ROWS",
     "DegenerateInputWarning",
     "Grid",
     "Interval",
