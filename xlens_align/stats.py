@@ -41,6 +41,11 @@ def _as_2d(x: Tensor, name: str) -> Float[Tensor, "n d"]:
     return x
 
 
+_MAX_ABS = 1e140
+"""Largest |value| the statistics accept (and 1 / _MAX_ABS the smallest non-zero one): sums of
+squares of many such values stay inside float64's range."""
+
+
 def _check_range(x: Tensor, name: str) -> None:
     """Statistics are sums of squares: refuse values whose squares leave float64's range."""
     top = float(x.abs().max()) if x.numel() else 0.0
@@ -51,9 +56,6 @@ def _check_range(x: Tensor, name: str) -> None:
             f"the statistics need |values| within [{1 / _MAX_ABS:.0e}, {_MAX_ABS:.0e}]; rescale the data "
             "(CKA is scale invariant, and a map fit on c X, c Y is the map of X, Y rescaled)"
         )
-
-
-_MAX_ABS = 1e140
 
 
 def _as_2d_f64(x: Tensor, name: str, device: torch.device | None = None) -> Float[Tensor, "n d"]:
