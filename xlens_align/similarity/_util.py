@@ -47,6 +47,14 @@ def scale_exponent(x: Tensor) -> int:
     return int(torch.frexp(top.to(torch.float64)).exponent)
 
 
+def fixed_exponent(exponents: dict[Any, int], key: Any, x: Tensor) -> int:
+    """The power of two kept in `exponents` for `key`, set from `x` (`scale_exponent`) the first
+    time: streamed CKA-like measures scale each point by one fixed factor, which keeps them exact."""
+    if key not in exponents:
+        exponents[key] = scale_exponent(x)
+    return exponents[key]
+
+
 def scaled64(x: Tensor, exponent: int | None = None) -> Float[Tensor, "n d"]:
     """`x` in float64 times ``2**-exponent`` (default `scale_exponent(x)`: the largest |value|
     lands in [0.5, 1)).

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from xlens_align.validate import check_finite
 
-from ._util import DegenerateInputWarning, same_rows, scale_exponent, scaled64
+from ._util import DegenerateInputWarning, fixed_exponent, same_rows, scaled64
 from .cka import u_center
 
 __all__ = ["MinibatchCKA"]
@@ -158,7 +158,7 @@ class MinibatchCKA:
         for i, t in enumerate(ts):
             # each point keeps the power of two that its first minibatch needed (CKA is scale
             # invariant; a fixed factor per point leaves every ratio exact): no overflow at 1e200
-            e = self._exponents.setdefault((side, i), scale_exponent(t))
+            e = fixed_exponent(self._exponents, (side, i), t)
             x = scaled64(t.to(self.device), e)
             x = x - x.mean(0, keepdim=True)
             torch.mm(x, x.T, out=k[i])

@@ -21,7 +21,7 @@ from xlens_align.rows import RowFilter, merge_counts
 from xlens_align.stats import StatsGrid
 from xlens_align.validate import nonneg_int
 
-from ._util import SmallSampleWarning, scale_exponent, scaled64
+from ._util import SmallSampleWarning, fixed_exponent, scaled64
 from .cka import cka_grid_from_stats
 from .grid import Grid
 from .grid_controls import cell_controls
@@ -72,7 +72,7 @@ def _fixed_scale(acts: dict[str, Tensor], side: str, exps: dict[tuple[str, str],
     """`acts` in float64, each point times the power of two its first batch needed (kept in `exps`):
     CKA is scale invariant and a fixed factor per point keeps the co-moments' ratios exact, while
     the sums of squares stay inside float64's range."""
-    return {p: scaled64(t, exps.setdefault((side, p), scale_exponent(t))) for p, t in acts.items()}
+    return {p: scaled64(t, fixed_exponent(exps, (side, p), t)) for p, t in acts.items()}
 
 
 def _stats_grid(pa: list[str], pb: list[str], a: dict[str, Tensor], b: dict[str, Tensor]) -> StatsGrid:
