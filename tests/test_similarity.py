@@ -177,6 +177,69 @@ def test_svcca_keep_truncates():
     assert S.svcca(x, y, keep=0.5) != pytest.approx(S.svcca(x, y, keep=1.0), abs=1e-4)
 
 
+def _whitened_cca(xc: torch.Tensor, yc: torch.Tensor):
+    """CCA written out on centred full-rank inputs: singular vectors and values of
+    Sxx^-1/2 Sxy Syy^-1/2, and X's whitening matrix."""
+
+    def inv_sqrt(c):
+        w, v = torch.linalg.eigh(c)
+        return v @ torch.diag(w**-0.5) @ v.T
+
+    wx = inv_sqrt(xc.T @ xc)
+    u, rho, _ = torch.linalg.svd(wx @ (xc.T @ yc) @ inv_sqrt(yc.T @ yc), full_matrices=False)
+    return u, rho, wx
+
+
+def test_pwcca_against_morcos_formula_written_out():
+    # Morcos et al. 2018: rho_i weighted by alpha_i = sum_j |<h_i, x_j>|, h_i = X's canonical
+    # variates (unit columns of Xc Sxx^-1/2 u_i), x_j = X's centred columns (their scale matters)
+    g = gen(21)
+    z = torch.randn(300, 3, generator=g, dtype=F64)
+    x = z @ torch.randn(3, 6, generator=g, dtype=F64) * torch.tensor([5.0, 1, 1, 0.2, 3, 1], dtype=F64)
+    x = x + 0.7 * torch.randn(300, 6, generator=g, dtype=F64)
+    y = z @ torch.randn(3, 4, generator=g, dtype=F64) + torch.randn(300, 4, generator=g, dtype=F64)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    u, rho, wx = _whitened_cca(xc, yc)
+    h = xc @ wx @ u  # [n, 4] canonical variates of X, orthonormal columns
+    assert torch.allclose(h.T @ h, torch.eye(4, dtype=F64), atol=1e-9)
+    alpha = (h.T @ xc).abs().sum(1)
+    ref = float((alpha / alpha.sum() * rho).sum())
+    assert S.pwcca(x, y) == pytest.approx(ref, abs=1e-9)
+    assert abs(ref - float(rho.mean())) > 0.02  # the weights matter here: not the plain mean
+
+
+@pytest.mark.parametrize(("keep", "k"), [(0.6, 2), (0.9, 3), (0.97, 4), (1.0, 5)])
+def test_svcca_keeps_the_directions_that_explain_keep(keep, k):
+    # X's centred variance per direction: 50, 30, 15, 4, 1 % (cumulative .5 .8 .95 .99 1)
+    g = gen(22)
+    q, _ = torch.linalg.qr(torch.randn(400, 5, generator=g, dtype=F64))
+    q = q - q.mean(0)
+    q, _ = torch.linalg.qr(q)
+    x = (q * torch.tensor([50.0, 30, 15, 4, 1], dtype=F64).sqrt()) @ rotation(5, seed=3)
+    y = x @ torch.randn(5, 5, generator=g, dtype=F64) + 2.0 * torch.randn(400, 5, generator=g, dtype=F64)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    ux, sx, _ = torch.linalg.svd(xc, full_matrices=False)
+    assert torch.allclose(
+        sx.square() / sx.square().sum(), torch.tensor([0.5, 0.3, 0.15, 0.04, 0.01], dtype=F64)
+    )
+    uy, sy, _ = torch.linalg.svd(yc, full_matrices=False)
+    frac = torch.cumsum(sy.square(), 0) / sy.square().sum()
+    ky = int((frac < keep - 1e-12).sum()) + 1
+    _, rho, _ = _whitened_cca(ux[:, :k] * sx[:k], uy[:, :ky] * sy[:ky])
+    assert S.svcca(x, y, keep=keep) == pytest.approx(float(rho.mean()), abs=1e-9)
+
+
+def test_bootstrap_interval_has_the_requested_level():
+    # the bootstrap distribution of a mean of n values is about N(mean, s^2 / n): the percentile
+    # interval at `level` spans 2 z s / sqrt(n), z the normal quantile (1.645 at 90%, 1.282 at 80%)
+    x = torch.randn(400, 2, generator=gen(23), dtype=F64)
+    se = float(x[:, 0].std() / math.sqrt(400))
+    for level, z in ((0.9, 1.6449), (0.8, 1.2816), (0.5, 0.6745)):
+        lo, hi = S.bootstrap_ci(lambda a, b: float(a[:, 0].mean()), x, x, n_boot=3000, level=level, seed=4)
+        assert hi - lo == pytest.approx(2 * z * se, rel=0.08), level
+        assert (lo + hi) / 2 == pytest.approx(float(x[:, 0].mean()), abs=0.15 * se)
+
+
 def test_procrustes_distance():
     x = torch.randn(200, 16, generator=gen(2))
     q = rotation(16, 3)
