@@ -295,3 +295,31 @@ def test_numpy_numbers_count_as_numbers_and_bools_do_not():
     for bad in (True, np.bool_(True), 1.5, np.float64("nan")):
         with pytest.raises(ValueError, match=r"drop_first must be an int >= 0, got"):
             xa.RowFilter(drop_first=bad)
+
+
+def test_grid_batches_custom_measures_and_options_are_checked():
+    X, Y = _data(n=40)
+    two = [({"x": X[:20]}, {"y": Y[:20]}), ({"x": torch.randn(20, 5, dtype=torch.float64)}, {"y": Y[20:]})]
+    for measure in ("cka", "cca", "cka_feature"):
+        with pytest.raises(ValueError, match=r"batch\.a\['x'\] has 5 features, earlier batches had 12"):
+            S.grid_from_batches(two, measure, minibatch_size=None)
+    g = S.grid_from_batches([(X, Y)], "cka")  # plain tensors: one point per side, as MinibatchCKA takes
+    assert g.points_a == ["a"] and float(g.values[0, 0]) == pytest.approx(S.cka(X, Y), abs=1e-9)
+    with pytest.raises(TypeError, match=r"batch pair \(a, b\): b must be a dict point -> Tensor"):
+        S.grid_from_batches([({"x": X}, Y)], "cka")
+    with pytest.raises(TypeError, match=r"measure '<lambda>' must return a number, got 'high'"):
+        S.grid_from_batches([(X, Y)], lambda a, b: "high")
+    with pytest.raises(ValueError, match=r"measure '<lambda>' returned nan for a cell"):
+        S.grid_from_batches([(X, Y)], lambda a, b: float("nan"))
+    with pytest.raises(TypeError, match=r"debiased must be True or False, got 'no'"):
+        S.cka(X, Y, debiased="no")
+    with pytest.raises(TypeError, match=r"debiased must be True or False, got 1"):
+        S.grid_from_batches([(X, Y)], "cka_rbf", measure_kw={"debiased": 1})
+    with pytest.raises(TypeError, match=r"seed must be an int, got 'a'"):
+        S.permutation_test(S.cka, X, Y, n_perm=5, seed="a")
+    with pytest.raises(TypeError, match=r"seed must be an int, got 1.5"):
+        S.grid_from_batches([(X, Y)], "cca", seed=1.5)
+    acc = S.MinibatchCKA(points_a="resid_post.1", points_b=["y"])
+    assert acc.points_a == ["resid_post.1"]
+    with pytest.raises(ValueError, match=r"points_b must name at least one point"):
+        S.MinibatchCKA(points_b=[])

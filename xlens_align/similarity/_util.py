@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -64,6 +64,17 @@ def scaled64(x: Tensor, exponent: int | None = None) -> Float[Tensor, "n d"]:
     x = x.to(torch.float64)
     e = scale_exponent(x) if exponent is None else exponent
     return torch.ldexp(x, torch.tensor(-e, device=x.device)) if e else x
+
+
+def point_list(points: Any, arg: str) -> list[str] | None:
+    """None (the default points), one point name, or a non-empty sequence of them, as a list."""
+    if points is None:
+        return None
+    if isinstance(points, str):
+        return [points]
+    if not isinstance(points, Sequence) or not points:
+        raise ValueError(f"{arg} must name at least one point (a name or a list of names), got {points!r}")
+    return list(points)
 
 
 def same_rows(tensors: Iterable[Tensor], what: str) -> int:

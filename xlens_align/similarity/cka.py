@@ -116,6 +116,7 @@ def _prep_rbf(x: Tensor, name: str, debiased: bool = True, sigma: float | None =
     """A point's (U- or double-)centred RBF Gram, flattened to unit norm: RBF CKA of two points
     is the dot product of theirs (None: zero variance, CKA 0)."""
     optional_positive_float(sigma, "sigma")
+    _check_bool(debiased, "debiased")
     xc = centred(x)
     if xc is None:
         return warn_degenerate(name, "CKA", None)
@@ -123,6 +124,11 @@ def _prep_rbf(x: Tensor, name: str, debiased: bool = True, sigma: float | None =
     k = u_center(k, inplace=True) if debiased else _double_center(k)
     nrm = torch.linalg.matrix_norm(k)
     return None if float(nrm) == 0.0 else (k / nrm).flatten()
+
+
+def _check_bool(value: object, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def _pair_dot(a: Tensor | None, b: Tensor | None) -> float:
@@ -234,6 +240,7 @@ def cka(
     """
     if kernel not in ("linear", "rbf"):
         raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
+    _check_bool(debiased, "debiased")
     if kernel == "linear" and sigma is not None:
         raise ValueError("sigma only applies to kernel='rbf'")
     optional_positive_float(sigma, "sigma")

@@ -9,6 +9,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from xlens_align.files import check_seed
 from xlens_align.validate import positive_int
 
 from ._util import as_pair
@@ -33,7 +34,7 @@ def _start(
         raise TypeError(f"measure must be a callable (X, Y) -> float, got {type(measure).__name__}")
     positive_int(count, arg)
     as_pair(X, Y, 2, "paired rows")
-    return X.shape[0], torch.Generator().manual_seed(seed)
+    return X.shape[0], torch.Generator().manual_seed(check_seed(seed))
 
 
 def permutation_test(

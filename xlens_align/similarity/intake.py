@@ -33,15 +33,27 @@ def batch_dicts(batch: Any) -> tuple[Mapping[str, Tensor], Mapping[str, Tensor]]
     if hasattr(batch, "a") and hasattr(batch, "b"):
         return batch.a, batch.b
     if isinstance(batch, tuple | list) and len(batch) == 2:
-        return batch[0], batch[1]
+        a, b = batch
+        if isinstance(a, Tensor) and isinstance(b, Tensor):  # one point per side, as MinibatchCKA takes
+            return {"a": a}, {"b": b}
+        for side, acts in (("a", a), ("b", b)):
+            if not isinstance(acts, Mapping):
+                raise TypeError(
+                    f"batch pair (a, b): {side} must be a dict point -> Tensor [n, d] (or both plain tensors), "
+                    f"got {type(acts).__name__}"
+                )
+        return a, b
     raise TypeError(
         f"each batch must have .a and .b dicts (a PairedBatch) or be a pair (a, b), got {type(batch).__name__}"
     )
 
 
-def enter(acts: Mapping[str, Tensor], points: list[str], side: str, clamp: float | None) -> Acts:
-    """The `points` of one side of a batch, each a finite Tensor [n, d]; with `clamp`, values
-    (infinities included) are clipped to [-clamp, clamp] first, and NaN still raises."""
+def enter(
+    acts: Mapping[str, Tensor], points: list[str], side: str, clamp: float | None, widths: dict[str, int]
+) -> Acts:
+    """The `points` of one side of a batch, each a finite Tensor [n, d] with the width the point had
+    in earlier batches (kept in `widths`); with `clamp`, values (infinities included) are clipped
+    to [-clamp, clamp] first, and NaN still raises."""
     missing = [p for p in points if p not in acts]
     if missing:
         raise ValueError(f"batch.{side} lacks points {missing}; it has {list(acts)[:12]}")
@@ -50,6 +62,9 @@ def enter(acts: Mapping[str, Tensor], points: list[str], side: str, clamp: float
         t = acts[p]
         if not isinstance(t, Tensor) or t.ndim != 2:
             raise ValueError(f"batch.{side}[{p!r}] must be a Tensor [n, d]")
+        d = widths.setdefault(f"{side}:{p}", t.shape[1])
+        if t.shape[1] != d:
+            raise ValueError(f"batch.{side}[{p!r}] has {t.shape[1]} features, earlier batches had {d}")
         out[p] = t if clamp is None else t.clamp(-clamp, clamp)
         check_finite(out[p], f"batch.{side}[{p!r}]")
     return out

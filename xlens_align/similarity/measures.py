@@ -77,9 +77,8 @@ def resolve_measure(
     """The grid's name for `measure` and its all-rows recipe (None for the streamed "cka" and
     "cka_feature"); `kw` (the measure's options) is checked against what the measure takes."""
     if callable(measure):
-        return getattr(measure, "__name__", "custom"), AllRows(
-            lambda x, raw, name: raw, lambda a, b: float(measure(a, b))
-        )
+        name = getattr(measure, "__name__", "custom")
+        return name, AllRows(lambda x, raw, p: raw, lambda a, b: _custom_value(measure(a, b), name))
     if measure in ("cka", "cka_feature"):
         if kw:
             raise TypeError(f"measure {measure!r} takes no measure_kw, got {sorted(kw)}")
@@ -91,6 +90,17 @@ def resolve_measure(
             raise TypeError(f"measure {measure!r} does not take {bad}; it takes {list(spec.kwargs)}")
         return measure, spec
     raise ValueError(f"unknown measure {measure!r}; choose one of {list(MEASURES)} or pass a callable")
+
+
+def _custom_value(value: Any, name: str) -> float:
+    """A custom measure's value for one cell: a finite number (else ValueError / TypeError)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"measure {name!r} must return a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"measure {name!r} returned {v} for a cell; a grid holds finite values only")
+    return v
 
 
 def pure_function(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from xlens_align.files import check_seed
+
 __all__ = ["RowStore"]
 
 Acts = dict[str, Tensor]
@@ -27,7 +29,7 @@ class RowStore:
         if subsample and max_rows is None:
             raise ValueError("subsample=True needs a max_rows sample size")
         self.max_rows, self.subsample, self.what = max_rows, subsample, what
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator().manual_seed(check_seed(seed))
         self.chunks: list[tuple[Acts, Acts]] = []
         self.full: tuple[Acts, Acts] | None = None
         self.seen = 0

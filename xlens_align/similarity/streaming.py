@@ -24,7 +24,7 @@ from torch import Tensor
 
 from xlens_align.validate import check_finite
 
-from ._util import DegenerateInputWarning, fixed_exponent, same_rows, scaled64
+from ._util import DegenerateInputWarning, fixed_exponent, point_list, same_rows, scaled64
 from .cka import u_center
 
 __all__ = ["MinibatchCKA"]
@@ -56,8 +56,8 @@ class MinibatchCKA:
     ) -> None:
         if minibatch_size is not None and (not isinstance(minibatch_size, int) or minibatch_size < 4):
             raise ValueError(f"minibatch_size must be None or an int >= 4, got {minibatch_size!r}")
-        self.points_a = list(points_a) if points_a is not None else None
-        self.points_b = list(points_b) if points_b is not None else None
+        self.points_a = point_list(points_a, "points_a")
+        self.points_b = point_list(points_b, "points_b")
         self.minibatch_size = minibatch_size
         self.device = torch.device(device) if device is not None else None
         self._dims: dict[tuple[str, str], int] = {}

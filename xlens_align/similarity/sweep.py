@@ -21,7 +21,7 @@ from xlens_align.rows import RowFilter, merge_counts
 from xlens_align.stats import StatsGrid
 from xlens_align.validate import nonneg_int
 
-from ._util import SmallSampleWarning, fixed_exponent, scaled64
+from ._util import SmallSampleWarning, fixed_exponent, point_list, scaled64
 from .cka import cka_grid_from_stats
 from .grid import Grid
 from .grid_controls import cell_controls
@@ -55,17 +55,6 @@ def _check_collect_kw(collect: Callable[..., Any], kw: Mapping[str, Any]) -> Non
         raise TypeError(
             f"layer_grid got unexpected keyword arguments {unknown}; besides its own it passes {passed} to collect"
         )
-
-
-def _point_list(points: Any, arg: str) -> list[str] | None:
-    """None (the default points), one point name, or a non-empty sequence of them, as a list."""
-    if points is None:
-        return None
-    if isinstance(points, str):
-        return [points]
-    if not isinstance(points, Sequence) or not points:
-        raise ValueError(f"{arg} must name at least one point (a name or a list of names), got {points!r}")
-    return list(points)
 
 
 def _fixed_scale(acts: dict[str, Tensor], side: str, exps: dict[tuple[str, str], int]) -> dict[str, Tensor]:
@@ -133,7 +122,7 @@ def grid_from_batches(
     kw = dict(measure_kw or {})
     name, spec = resolve_measure(measure, kw)
     rows = RowFilter(massive=massive, clamp=clamp)
-    pa, pb = _point_list(points_a, "points_a"), _point_list(points_b, "points_b")
+    pa, pb = point_list(points_a, "points_a"), point_list(points_b, "points_b")
 
     acc = MinibatchCKA(pa, pb, minibatch_size=minibatch_size) if name == "cka" and spec is None else None
     store = RowStore(max_rows, subsample, seed, name) if spec is not None else None
@@ -141,6 +130,7 @@ def grid_from_batches(
     sample = RowStore(control_rows, True, seed, "controls") if (n_perm or n_boot) else None
     filtered: dict[str, int] = {}
     exps: dict[tuple[str, str], int] = {}
+    widths: dict[str, int] = {}
     d_max: int | None = None
     warned: set[str] = set()
     rows_seen = rows_in = 0
@@ -148,7 +138,7 @@ def grid_from_batches(
         a_raw, b_raw = batch_dicts(batch)
         pa = list(a_raw) if pa is None else pa
         pb = list(b_raw) if pb is None else pb
-        a, b = enter(a_raw, pa, "a", rows.clamp), enter(b_raw, pb, "b", rows.clamp)
+        a, b = enter(a_raw, pa, "a", rows.clamp, widths), enter(b_raw, pb, "b", rows.clamp, widths)
         d_max = max(t.shape[1] for t in (*a.values(), *b.values()))
         a, b, n, counts = filter_rows(a, b, rows)
         merge_counts(filtered, getattr(batch, "filtered", None) or {})
@@ -298,7 +288,7 @@ def layer_grid(
     per-cell controls on request (see `grid_from_batches`).
     """
     rows = RowFilter(drop_first=drop_first, massive=massive, clamp=clamp)
-    pa, pb = _point_list(points_a, "points_a"), _point_list(points_b, "points_b")
+    pa, pb = point_list(points_a, "points_a"), point_list(points_b, "points_b")
     if pair is not None:
         pa = _default_points(pair.a) if pa is None else pa
         pb = _default_points(pair.b) if pb is None else pb
