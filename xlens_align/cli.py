@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["main"]
 
@@ -270,7 +270,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse(msg: str) -> None:
+def _refuse(msg: str) -> NoReturn:
     """Exit 2 with `msg`, the way argparse reports a bad option."""
     print(f"xlens-align demo: error: {msg}", file=sys.stderr)
     raise SystemExit(2)
