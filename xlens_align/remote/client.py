@@ -95,11 +95,20 @@ def deployment_states(host: str, api_key: str = "", timeout: float = 10.0) -> di
     for name, d in (body.get("deployments") or {}).items():
         if not isinstance(d, dict):
             continue
-        key = d.get("model_key") or name
+        key = d.get("model_key") or _key_of(name)
         state = str(d.get("application_state") or d.get("deployment_level") or "UNKNOWN")
         if states.get(key) != "RUNNING":  # several replicas: the healthiest wins
             states[key] = state
     return states
+
+
+def _key_of(name: str) -> str:
+    """The model key in a ``/status`` entry's name: ``<replica>:<actor class>:<model key>`` (ndif
+    0.1.2) or the key itself."""
+    parts = name.split(":", 2)
+    if len(parts) == 3 and "." not in parts[0] and "." not in parts[1] and parts[2].startswith("nnsight."):
+        return parts[2]
+    return name
 
 
 def model_status(model_key: str, host: str, api_key: str = "", timeout: float = 10.0) -> str:
@@ -204,8 +213,15 @@ def _backend_class() -> type:
                 return super().download_result(url)
             import httpx
 
-            r = httpx.get(url, timeout=httpx.Timeout(self.connect, read=self._left("result download")))
-            r.raise_for_status()
+            try:
+                r = httpx.get(url, timeout=httpx.Timeout(self.connect, read=self._left("result download")))
+                r.raise_for_status()
+            except httpx.TimeoutException as e:
+                raise RemoteTimeout(f"NDIF host {self.host}: the result download timed out ({e})") from e
+            except httpx.HTTPError as e:
+                raise ConnectionLost(
+                    f"NDIF host {self.host}: the result could not be downloaded ({e})"
+                ) from e
             return self.finalize(r.content)
 
         def request(self, request: Any, tracer: Any) -> Any:

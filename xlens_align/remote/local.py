@@ -127,6 +127,7 @@ class LocalServer:
             raise RuntimeError(
                 f"the local NDIF server did not come up within {self.ready_timeout + 60:g} s"
             ) from e
+        (self.run_dir / "up.log").write_text(r.stdout + r.stderr)
         if r.returncode != 0:
             self.stop()
             raise RuntimeError(
@@ -151,6 +152,16 @@ class LocalServer:
         if self._own_dir and not self.keep_logs and r.returncode == 0:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         return r.stdout + r.stderr
+
+    def actor_pids(self) -> list[int]:
+        """PIDs of the model actors (Ray workers in the session of the Ray head this server started)."""
+        pid_file = self.run_dir / "pids" / "ray.pid"
+        if not pid_file.exists():
+            return []
+        ps = subprocess.run(
+            ["ps", "-o", "pid=,args=", "-s", pid_file.read_text().strip()], capture_output=True, text=True
+        )
+        return [int(line.split()[0]) for line in ps.stdout.splitlines() if "CPUModelActor" in line]
 
     def log(self, name: str, lines: int = 40) -> str:
         """The last `lines` lines of a service's log ('api', 'ray', 'deploy', ...)."""
