@@ -253,3 +253,29 @@ def test_remote_local_server_deploy_file_and_arguments(checkpoints, tmp_path):
         LocalServer([])
     with pytest.raises(FileNotFoundError, match="no config.json"):
         LocalServer([tmp_path])
+
+
+def test_remote_large_patches_are_split_by_rows(checkpoints, monkeypatch):
+    path = checkpoints["llama"]
+    local = xa.load_model(path)
+    small = RemoteModel(path, host="local", max_request_bytes=1000)
+    ids, mask = local.to_tokens(TEXTS * 3)  # 6 rows
+    B, T = ids.shape
+    g = torch.Generator().manual_seed(0)
+    cells = (torch.arange(B).repeat_interleave(2), torch.tensor([1, 3] * B))
+    specs = [
+        {"resid_post.0": (torch.randn(2 * B, local.d_model, generator=g), cells)},
+        {"resid_pre.1": (torch.randn(B, T, local.d_model, generator=g), mask.bool())},
+        {"final": (torch.randn(B, T, local.d_model, generator=g), None)},
+    ]
+    calls = []
+    trace = RemoteModel._trace
+    monkeypatch.setattr(RemoteModel, "_trace", lambda self, *a, **k: calls.append(1) or trace(self, *a, **k))
+    real = mask.bool()
+    for spec in specs:
+        calls.clear()
+        out = forward_patched(small, ids, mask, spec)
+        assert len(calls) > 1, "the patch was not split"
+        assert (out - forward_patched(local, ids, mask, spec))[real].abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="max_request_bytes must be a positive int"):
+        RemoteModel(path, host="local", max_request_bytes=0)

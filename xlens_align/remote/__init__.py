@@ -40,13 +40,13 @@ __all__ = [
 ]
 
 PREFIX = "remote:"
-_REMOTE_KEYS = {"host", "api_key", "timeout", "connect_timeout", "check"}
+_REMOTE_KEYS = {"host", "api_key", "timeout", "connect_timeout", "check", "max_request_bytes"}
 
 
 def load_model(source: Any, tokenizer: Any = None, **kwargs: Any) -> Any:
     """`xa.load_model`: a `RemoteModel` for ``"remote:<hub id or directory>"``, else a local
     `LensModel` (`models.load_model`). Remote keywords: host, api_key, timeout, connect_timeout,
-    check, dtype, name (``device`` must stay "cpu": results land on the CPU)."""
+    check, max_request_bytes, dtype, name (``device`` must stay "cpu": results land on the CPU)."""
     from ..models import load_model as load_local
 
     if isinstance(source, str | os.PathLike) and str(source).startswith(PREFIX):

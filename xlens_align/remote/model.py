@@ -46,6 +46,8 @@ class RemoteModel:
     connect_timeout: seconds to connect and get a session. dtype: the dtype the deployment runs
     in (values written into the stream are sent in it). check: ask the server's ``/status`` now
     whether the model is deployed and running (else before the first request).
+    max_request_bytes: the most bytes of patch values one request carries (larger patches are
+    split by batch rows over several requests).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class RemoteModel:
         dtype: torch.dtype = torch.float32,
         name: str | None = None,
         check: bool = True,
+        max_request_bytes: int = 768 * 1024,
     ) -> None:
         if not isinstance(source, str | os.PathLike) or not str(source):
             raise TypeError(f"source must be a hub id or a model directory, got {source!r}")
@@ -73,6 +76,13 @@ class RemoteModel:
         self.local_dry_run = host == "local"
         self.host, self.api_key = ("local", "") if self.local_dry_run else client.resolve_host(host, api_key)
         self.timeout, self.connect_timeout = float(timeout), float(connect_timeout)
+        if (
+            isinstance(max_request_bytes, bool)
+            or not isinstance(max_request_bytes, int)
+            or max_request_bytes < 1
+        ):
+            raise ValueError(f"max_request_bytes must be a positive int, got {max_request_bytes!r}")
+        self.max_request_bytes = max_request_bytes
         self.name = name or (Path(self.source).name if Path(self.source).is_dir() else self.source)
         self._dtype = dtype
         self.hf_config = _config(self.source)
@@ -181,11 +191,26 @@ class RemoteModel:
         self, input_ids: Tensor, attention_mask: Tensor | None, spec: Mapping[Point, tuple[Any, Any]]
     ) -> Tensor:
         """Logits [batch, pos, vocab] with ``spec = {point: (values, positions)}`` written into
-        the stream inside the trace (values computed locally; positions as in `patching`)."""
+        the stream inside the trace (values computed locally; positions as in `patching`).
+
+        One request, unless the values written pass `max_request_bytes` (ndif 0.1.2's API refuses
+        request bodies over about 1 MiB): then the batch rows are split over as few requests as
+        keep each under it (rows are independent, so the logits are the same)."""
         B, T = input_ids.shape
         writes = {}
         for pt, (values, positions) in spec.items():
             writes[self.point(pt)] = _write(pt, values, positions, (B, T, self.d_model), self._dtype)
+        size = sum(v.numel() * v.element_size() + sum(_nbytes(i) for i in idx) for idx, v in writes.values())
+        if size > self.max_request_bytes and B > 1:
+            step = max(1, int(B * self.max_request_bytes // size))
+            return torch.cat([
+                self.run_patched(
+                    input_ids[r : r + step],
+                    None if attention_mask is None else attention_mask[r : r + step],
+                    {pt: _rows(v, pos, r, r + step, B) for pt, (v, pos) in spec.items()},
+                )
+                for r in range(0, B, step)
+            ])  # fmt: skip
         sites = sites_in_order(self.family, list(writes), self.n_layers)
         steps = [(self._envoy(s.path), s.side, writes[s.point], s.in_place) for s in sites]
         return self._trace(input_ids, attention_mask, steps, True)[1]
@@ -325,6 +350,23 @@ def _write(
             f"(stream shape {shape}): {e}"
         ) from e
     return index, values
+
+
+def _nbytes(index: Any) -> int:
+    return index.numel() * index.element_size() if isinstance(index, Tensor) else 0
+
+
+def _rows(values: Any, positions: Any, r0: int, r1: int, n_rows: int) -> tuple[Any, Any]:
+    """The part of one write (values, positions as in `patching`) that falls in rows r0..r1-1,
+    re-indexed from row 0."""
+    per_row = isinstance(values, Tensor) and values.ndim == 3 and values.shape[0] == n_rows
+    if isinstance(positions, tuple):
+        keep = (positions[0] >= r0) & (positions[0] < r1)
+        v = values[keep] if isinstance(values, Tensor) and values.ndim == 2 else values
+        return v, (positions[0][keep] - r0, positions[1][keep])
+    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
+        return (values[r0:r1] if per_row else values), positions[r0:r1]
+    return (values[r0:r1] if per_row else values), positions
 
 
 def _source_id(source: str | os.PathLike) -> str:
