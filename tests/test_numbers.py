@@ -86,6 +86,43 @@ def test_svcca_keeps_exactly_the_directions_explaining_99_percent():
     assert S.svcca(x, y, keep=1.0) == pytest.approx((k - 1) / (k - 1 + 4), abs=1e-9)  # min(10, 8) pairs
 
 
+@pytest.mark.parametrize(("n", "dx", "dy"), [(120, 6, 4), (5, 8, 7)])
+def test_procrustes_distance_is_the_residual_of_the_best_rotation(n, dx, dy):
+    """Caught: the nuclear norm replaced by the top singular value; inputs not centred."""
+    g = _gen(5)
+    x = torch.randn(n, dx, generator=g, dtype=F64) + 3.0
+    y = x[:, :dy] @ torch.randn(dy, dy, generator=g, dtype=F64) + torch.randn(n, dy, generator=g, dtype=F64)
+    xn, yn = x - x.mean(0), y - y.mean(0)
+    xn, yn = xn / xn.norm(), yn / yn.norm()
+    yn = torch.cat([yn, torch.zeros(n, dx - dy, dtype=F64)], 1)  # the narrower side zero-padded
+    u, _, vh = torch.linalg.svd(yn.T @ xn)
+    best = float((xn - yn @ (u @ vh)).norm())  # R = U V^T minimises ||X_n - Y_n R|| (orthogonal R)
+    assert S.procrustes_distance(x, y) == pytest.approx(best, abs=1e-9)
+    for seed in range(5):  # no other rotation does better
+        q = torch.linalg.qr(torch.randn(dx, dx, generator=_gen(seed), dtype=F64))[0]
+        assert float((xn - yn @ q).norm()) >= best - 1e-12
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_mutual_knn_against_a_loop(metric):
+    """Caught: an item counted as its own neighbour."""
+    g = _gen(6)
+    x = torch.randn(40, 5, generator=g, dtype=F64)
+    y = x @ torch.randn(5, 3, generator=g, dtype=F64) + 0.8 * torch.randn(40, 3, generator=g, dtype=F64)
+
+    def neighbours(a, i, k):
+        if metric == "cosine":
+            a = a / a.norm(dim=1, keepdim=True)
+            score = [float(a[i] @ a[j]) for j in range(len(a))]
+        else:
+            score = [-float((a[i] - a[j]).square().sum()) for j in range(len(a))]
+        return set(sorted((j for j in range(len(a)) if j != i), key=lambda j: -score[j])[:k])
+
+    for k in (1, 5):
+        ref = sum(len(neighbours(x, i, k) & neighbours(y, i, k)) for i in range(40)) / (40 * k)
+        assert S.mutual_knn(x, y, k=k, metric=metric) == pytest.approx(ref, abs=1e-12)
+
+
 # ------------------------------------------------------------------------------------- bootstrap
 def test_bootstrap_interval_is_the_requested_percentiles():
     """Caught: a requested 90% interval returned as an 80% one."""
