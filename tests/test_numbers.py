@@ -123,6 +123,33 @@ def test_mutual_knn_against_a_loop(metric):
         assert S.mutual_knn(x, y, k=k, metric=metric) == pytest.approx(ref, abs=1e-12)
 
 
+@pytest.mark.parametrize("metric", ["correlation", "euclidean"])
+def test_rsa_is_spearman_of_the_rdms_written_out(metric):
+    """Caught: Pearson instead of Spearman; the RDM's correlation distance on columns."""
+    g = _gen(7)
+    x = torch.randn(30, 6, generator=g, dtype=F64)
+    y = (x @ torch.randn(6, 4, generator=g, dtype=F64)).exp() + 0.5 * torch.randn(
+        30, 4, generator=g, dtype=F64
+    )
+
+    def rdm(a):
+        a = a.numpy()
+        i, j = np.triu_indices(len(a), 1)
+        if metric == "euclidean":
+            return np.linalg.norm(a[i] - a[j], axis=1)
+        return 1.0 - np.corrcoef(a)[i, j]  # rows are items
+
+    def ranks(v):
+        r = np.empty(len(v))
+        r[np.argsort(v)] = np.arange(len(v))
+        return r
+
+    rx, ry = ranks(rdm(x)), ranks(rdm(y))
+    ref = float(np.corrcoef(rx, ry)[0, 1])
+    assert S.rsa(x, y, metric=metric) == pytest.approx(ref, abs=1e-10)
+    assert abs(ref - float(np.corrcoef(rdm(x), rdm(y))[0, 1])) > 1e-3  # Pearson would differ
+
+
 # ------------------------------------------------------------------------------------- bootstrap
 def test_bootstrap_interval_is_the_requested_percentiles():
     """Caught: a requested 90% interval returned as an 80% one."""
