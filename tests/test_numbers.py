@@ -268,6 +268,13 @@ def test_measure_kl_matches_a_patched_hf_forward_built_by_hand(peaked):
     assert eff.kl == pytest.approx(kl, rel=1e-4)
     assert (eff.ce_clean, eff.ce_patched) == pytest.approx((ce_clean, ce_patched), rel=1e-4)
     assert eff.top1_agreement == pytest.approx(top1, abs=1e-12)
+    # the zero ablation by hand: zeros written at the same cells; recovered from the three CEs
+    _, ablated = _hf_patched_logits(ref_a, ref_b, ids_a, ids_b, lambda x: torch.zeros(len(x), pair.b.d_model))
+    la = ablated[t].log_softmax(-1)
+    ce_ablated = float(-la[torch.arange(len(t)), labels].mean())
+    assert eff.ce_ablated == pytest.approx(ce_ablated, rel=1e-4)
+    assert eff.kl_ablated == pytest.approx(float((lp0.exp() * (lp0 - la)).sum(-1).mean()), rel=1e-4)
+    assert eff.recovered == pytest.approx((ce_ablated - ce_patched) / (ce_ablated - ce_clean), rel=1e-3)
 
 
 def test_adapter_kl_objective_is_kl_of_clean_to_patched(peaked):
