@@ -384,7 +384,9 @@ def test_table_and_undefined_recovered():
     assert other.note == ""
     # an ablation that lowers the loss: recovered is computed, flagged, and the table says why
     with pytest.warns(RuntimeWarning, match="lowers B's loss"):
-        inverted = _effect("resid_post.1", Sums(22.0, 0.0, 2.0, 2), Sums(21.0, 1.0, 1.0, 2), Sums(20.0, 2.0, 0.0, 2))
+        inverted = _effect(
+            "resid_post.1", Sums(22.0, 0.0, 2.0, 2), Sums(21.0, 1.0, 1.0, 2), Sums(20.0, 2.0, 0.0, 2)
+        )
     assert inverted.recovered == pytest.approx(0.5) and not inverted.recovered_undefined
     assert "scale is inverted" in inverted.note
     assert "scale is inverted" in E.table([inverted]).text
@@ -471,3 +473,16 @@ def test_provenance_mismatch(tiny_pair):
     swapped = xa.ModelPair(b, a)
     with pytest.raises(ValueError, match=r"model_id_a: expected .*config_hash_a"):
         E.check_map(swapped, m, "resid_post.2", "resid_post.2")
+
+
+def test_everything_filtered_names_the_texts_that_were_used(tiny_pair):
+    a, b = tiny_pair
+    m = Linear(a.d_model, b.d_model)
+    kw = dict(source="resid_post.1", target="resid_post.1", drop_first=500)
+    with (
+        pytest.warns(UserWarning, match="not held-out"),
+        pytest.raises(ValueError, match=r"^texts \(used for"),
+    ):
+        E.measure(tiny_pair, m, texts=TEXTS, **kw)
+    with pytest.raises(ValueError, match=r"^ablation_texts: no aligned position"):
+        E.measure(tiny_pair, m, texts=TEXTS, ablation_texts=HELD_OUT, **kw)

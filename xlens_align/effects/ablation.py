@@ -55,7 +55,14 @@ def mean_activation(
 
 
 def _mean(
-    pair: Any, tgt: Point, texts: list[str], batch_size: int, rows: RowFilter, align: dict, progress: bool
+    pair: Any,
+    tgt: Point,
+    texts: list[str],
+    batch_size: int,
+    rows: RowFilter,
+    align: dict,
+    progress: bool,
+    arg: str = "ablation_texts",
 ) -> Tensor:
     b = pair.b
     total = torch.zeros(b.d_model, dtype=torch.float64, device=b.device)
@@ -72,7 +79,10 @@ def _mean(
             total += Y[keep].double().sum(0)
             n += int(keep.sum())
     if n == 0:
-        raise ValueError(f"ablation_texts have no aligned position to average (row filters {rows.describe()})")
+        raise ValueError(
+            f"{arg}: no aligned position is left to average for the mean ablation at {tgt.name!r} "
+            f"(row filters {rows.describe()}); use longer texts or looser filters"
+        )
     return (total / n).to(b.dtype)
 
 
@@ -112,5 +122,8 @@ def ablation_vectors(
             stacklevel=stacklevel,
         )
         ablation_texts = texts
+        arg = "texts (used for the mean ablation since ablation_texts is None)"
+    else:
+        arg = "ablation_texts"
     held = check_texts(ablation_texts, "ablation_texts")
-    return {t: _mean(pair, t, held, batch_size, rows, align, False) for t in targets}, "mean"
+    return {t: _mean(pair, t, held, batch_size, rows, align, False, arg) for t in targets}, "mean"
