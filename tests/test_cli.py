@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import xlens_align as xa
 from xlens_align import cli
 
 
@@ -16,6 +17,9 @@ def test_demo_tiny_writes_a_complete_report(tmp_path, capsys):
     args = ["demo", "--tiny", "--no-progress", "--n-train", "16", "--n-held", "6", "--max-chars", "200"]
     assert cli.main([*args, "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
+    run = report["run"]
+    assert run["corpus"]["checksum"] == xa.corpus.load("pydoc").checksum and run["seeds"] == {"seed": 0}
+    assert run["packages"]["transformer-lens"] and report["settings"]["tiny"] is True
     for side in ("A", "B"):
         assert report["forward_check"][side]["logits_diff"] <= 1e-4
         assert report["forward_check"][side]["final_diff"] <= 1e-4

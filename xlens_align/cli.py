@@ -131,7 +131,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         _refuse(f"--out {args.out!r}: cannot make that folder ({e.strerror or e})")
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {"run": xa.corpus.run_info(seed=0, corpus=corpus), "settings": vars(args).copy()}
+    report["settings"].pop("func", None)
     models = (
         f"tiny random-init Llama + Mistral ({args.device}, {args.dtype})"
         if args.tiny
@@ -265,7 +266,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _log(f"{k:8s}: {gen[k]!r}")
     report["generation"] = {k: gen[k] for k in ("prompt", "clean", "patched", "ablated")}
 
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    with xa.files.atomic_path(out_dir / "report.json") as tmp:  # no half-written report on interruption
+        tmp.write_text(json.dumps(report, indent=1, default=float))
     _log(f"\nreport: {out_dir / 'report.json'}; done in {time.time() - t0:.1f} s")
     return 0
 
