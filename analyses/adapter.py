@@ -115,12 +115,14 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {
+        "run": xa.corpus.run_info(seed=0, corpus=corpus),
         "args": vars(args),
         "effects": {name: e.as_dict() for name, e in zip(maps, effects, strict=True)},
         "adapter_history": history,
         "train_seconds": train_s,
     }
-    (out / "adapter.json").write_text(json.dumps(report, indent=1, default=float))
+    with xa.files.atomic_path(out / "adapter.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1, default=float))
     print(f"-> {out / 'adapter.json'}; {time.time() - t0:.0f} s")
 
 

@@ -63,7 +63,9 @@ def main() -> None:
     )
     grid.save_html(out / f"functional_{args.kind}.html")
     rows = [e.as_dict() for e in g.effects.values()]
-    (out / f"functional_{args.kind}.json").write_text(json.dumps(rows, indent=1, default=float))
+    report = {"run": xa.corpus.run_info(seed=0, corpus=corpus), "args": vars(args), "effects": rows}
+    with xa.files.atomic_path(out / f"functional_{args.kind}.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1, default=float))
     print(
         f"{args.kind} maps, {len(fit)} fit texts, {len(held)} held-out texts, {g.n_tokens} scored predictions"
     )

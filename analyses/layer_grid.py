@@ -39,7 +39,8 @@ def main() -> None:
 
     t0 = time.time()
     pair = xa.ModelPair(xa.load_model(args.a, device=args.device), xa.load_model(args.b, device=args.device))
-    texts = [t[: args.max_chars] for t in xa.corpus.load(args.corpus).train[: args.texts]]
+    corpus = xa.corpus.load(args.corpus)
+    texts = [t[: args.max_chars] for t in corpus.train[: args.texts]]
     pts_a = ["embed", *(f"resid_post.{i}" for i in range(pair.a.n_layers)), "final"]
     pts_b = ["embed", *(f"resid_post.{i}" for i in range(pair.b.n_layers)), "final"]
     batches = list(
@@ -49,7 +50,7 @@ def main() -> None:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {}
+    summary: dict = {"run": xa.corpus.run_info(seed=0, corpus=corpus), "args": vars(args)}
     for label, massive in (("filtered", args.massive), ("unfiltered", None)):
         grid = xa.similarity.grid_from_batches(
             batches, args.measure, pts_a, pts_b, massive=massive, model_a=pair.a.name, model_b=pair.b.name
@@ -64,7 +65,8 @@ def main() -> None:
         )
         for a, (b, v) in best.items():
             print(f"  {a:>14} -> {b:<14} {v:.3f}")
-    (out / f"{args.measure}.json").write_text(json.dumps(summary, indent=1))
+    with xa.files.atomic_path(out / f"{args.measure}.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1))
     print(f"\n{len(texts)} texts, done in {time.time() - t0:.0f} s")
 
 
