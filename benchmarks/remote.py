@@ -86,6 +86,7 @@ def main() -> None:
         server = LocalServer([path]).start()
         host = server.host
         print(f"local NDIF server up in {time.perf_counter() - t:.1f} s at {host}")
+        print("".join(f"  {line}\n" for line in (server.run_dir / "up.log").read_text().splitlines()))
     try:
         run(host, path, args)
     finally:

@@ -17,7 +17,8 @@ import xlens_align as xa
 from xlens_align.patching import forward_patched
 from xlens_align.remote import client
 from xlens_align.remote.local import model_key, tiny_checkpoint
-from xlens_align.remote.model import RemoteModel, _write
+from xlens_align.remote.model import RemoteModel
+from xlens_align.remote.writes import write_of as _write
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France!"]
 

@@ -31,6 +31,7 @@ from ..models import SUPPORTED_FAMILIES, LensModel, config_hash
 from ..points import Point, all_points
 from . import client
 from .modules import sites_in_order
+from .writes import nbytes, rows_of, write_of
 
 __all__ = ["RemoteModel"]
 
@@ -199,15 +200,15 @@ class RemoteModel:
         B, T = input_ids.shape
         writes = {}
         for pt, (values, positions) in spec.items():
-            writes[self.point(pt)] = _write(pt, values, positions, (B, T, self.d_model), self._dtype)
-        size = sum(v.numel() * v.element_size() + sum(_nbytes(i) for i in idx) for idx, v in writes.values())
+            writes[self.point(pt)] = write_of(pt, values, positions, (B, T, self.d_model), self._dtype)
+        size = sum(v.numel() * v.element_size() + sum(nbytes(i) for i in idx) for idx, v in writes.values())
         if size > self.max_request_bytes and B > 1:
             step = max(1, int(B * self.max_request_bytes // size))
             return torch.cat([
                 self.run_patched(
                     input_ids[r : r + step],
                     None if attention_mask is None else attention_mask[r : r + step],
-                    {pt: _rows(v, pos, r, r + step, B) for pt, (v, pos) in spec.items()},
+                    {pt: rows_of(v, pos, r, r + step, B) for pt, (v, pos) in spec.items()},
                 )
                 for r in range(0, B, step)
             ])  # fmt: skip
@@ -318,55 +319,6 @@ class RemoteModel:
             n = int((~torch.isfinite(x)).sum())
             raise client.RemoteResultError(f"{self.name} on {self.host}: {what} contains {n} inf/NaN values")
         return x
-
-
-def _write(
-    point: Point, values: Any, positions: Any, shape: tuple[int, int, int], dtype: torch.dtype
-) -> tuple:
-    """(index, values) for ``x[index] = values`` inside the trace, checked here on an empty
-    tensor of the stream's shape so a bad write fails locally, before any request."""
-    if not isinstance(values, Tensor):
-        raise TypeError(
-            f"values for point {point.name!r}: a remote model takes tensors (computed locally), "
-            f"not {type(values).__name__}"
-        )
-    values = values.detach().to("cpu", dtype)
-    if positions is None:
-        index: tuple = (Ellipsis,)
-    elif isinstance(positions, tuple):
-        index = (positions[0].cpu().long(), positions[1].cpu().long())
-    elif positions.dtype == torch.bool:
-        mask = positions.cpu()
-        if tuple(values.shape[:2]) == tuple(mask.shape):
-            values = values[mask]
-        index = torch.nonzero(mask, as_tuple=True)
-    else:
-        index = (slice(None), positions.cpu().long())
-    try:
-        torch.empty(shape, dtype=dtype)[index] = values
-    except (IndexError, RuntimeError) as e:
-        raise ValueError(
-            f"cannot write values of shape {tuple(values.shape)} into the stream at {point.name!r} "
-            f"(stream shape {shape}): {e}"
-        ) from e
-    return index, values
-
-
-def _nbytes(index: Any) -> int:
-    return index.numel() * index.element_size() if isinstance(index, Tensor) else 0
-
-
-def _rows(values: Any, positions: Any, r0: int, r1: int, n_rows: int) -> tuple[Any, Any]:
-    """The part of one write (values, positions as in `patching`) that falls in rows r0..r1-1,
-    re-indexed from row 0."""
-    per_row = isinstance(values, Tensor) and values.ndim == 3 and values.shape[0] == n_rows
-    if isinstance(positions, tuple):
-        keep = (positions[0] >= r0) & (positions[0] < r1)
-        v = values[keep] if isinstance(values, Tensor) and values.ndim == 2 else values
-        return v, (positions[0][keep] - r0, positions[1][keep])
-    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
-        return (values[r0:r1] if per_row else values), positions[r0:r1]
-    return (values[r0:r1] if per_row else values), positions
 
 
 def _source_id(source: str | os.PathLike) -> str:
