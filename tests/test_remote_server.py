@@ -220,6 +220,21 @@ def test_remote_notebook_runs_against_the_server(ndif, monkeypatch):
     assert abs(ns["eff_remote"].ce_patched - ns["eff_local"].ce_patched) <= TOL
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_remote_cli_demo_takes_a_remote_b(ndif, monkeypatch, tmp_path):
+    from xlens_align import cli
+
+    monkeypatch.setenv("NDIF_HOST", ndif.host)
+    argv = ["demo", "--a", str(ndif.a), "--b", f"remote:{ndif.b}", "--n-train", "6", "--n-held", "3"]
+    argv += ["--max-chars", "160", "--points", "2", "--out", str(tmp_path), "--no-progress"]
+    with deadline(300):
+        assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    check = report["forward_check"]["B"]  # the remote B against its own raw HF forward on the server
+    assert check["logits_diff"] <= TOL and check["final_diff"] <= TOL
+    assert all(math.isfinite(e["ce_patched"]) for e in report["effects"])
+
+
 class Hammer:
     """Requests to `model` in a loop on a thread until one fails; records the first error."""
 
