@@ -12,13 +12,17 @@ twice without being held:
   unbiased HSICs (Song et al. 2012) of that pair, and averages them (Nguyen et al. 2021).
 
 Both use float64 Grams, the same minibatch size and the same estimator; the script checks
-that they give the same values. Only the CKA work is timed (data generation and storing
+that they give the same values. The streamed pass is then repeated with each reduced-precision
+Gram path of `MinibatchCKA` (`--fast`, default bf16 and tf32: Grams from bfloat16 / TF32 inputs,
+float64 HSIC sums), which prints its time and its max |CKA - float64 CKA| over the whole grid
+(target <= 1e-4); `--no-baseline` skips the per-pair loop. Only the CKA work is timed (data generation and storing
 are not). When storing every layer would not fit in memory, the baseline stores and runs
 an evenly spaced subset of layers and its time is extrapolated linearly in the number of
 pairs (each pair costs the same); this is printed.
 
     python benchmarks/similarity.py [--device cuda] [--d-a 512 --d-b 1024 --layers 24
                                      --tokens 50000 --batch 1000] [--quick]
+                                    [--fast bf16,tf32] [--no-baseline]
 """
 
 from __future__ import annotations
@@ -134,10 +138,12 @@ def gib(x: float) -> str:
 # -- the two methods --------------------------------------------------------------------------
 
 
-def run_streamed(sa: Stack, sb: Stack, sizes: list[int], rank: int, device: torch.device):
+def run_streamed(
+    sa: Stack, sb: Stack, sizes: list[int], rank: int, device: torch.device, precision: str = "float64"
+):
     names_a = [f"L{i}" for i in range(sa.layers)]
     names_b = [f"L{i}" for i in range(sb.layers)]
-    acc = MinibatchCKA(names_a, names_b, device=device)
+    acc = MinibatchCKA(names_a, names_b, device=device, precision=precision)
     t_cka = t_gen = 0.0
     for b, n in enumerate(sizes):
         t0 = time.perf_counter()
@@ -212,13 +218,30 @@ def run_baseline(
     return out.cpu(), time.perf_counter() - t0
 
 
-def warm_up(device: torch.device) -> None:
+def warm_up(device: torch.device, precisions: list[str]) -> None:
     """Initialise the device's libraries (BLAS handles, allocator) before anything is timed."""
     x = torch.randn(64, 32, device=device)
-    MinibatchCKA().update({"a": x}, {"b": x}).compute()
+    for p in ["float64", *precisions]:
+        MinibatchCKA(precision=p).update({"a": x, "c": x}, {"b": x}).compute()
     k, rk, sk = _gram_stats(x)
     _hsic1(k, rk, sk, k, rk, sk, 64)
     sync(device)
+
+
+def run_fast(sa, sb, sizes, rank, device, precisions: list[str], ref: torch.Tensor, t_ref: float) -> str:
+    """Time the streamed pass in each reduced precision; print it against the float64 pass."""
+    tokens, out = sum(sizes), ""
+    for p in precisions:
+        with PeakMemory(device) as mem:
+            values, t, _ = run_streamed(sa, sb, sizes, rank, device, p)
+        err = float((values - ref).abs().max())
+        flag = "ok" if err <= 1e-4 else "ABOVE 1e-4"
+        print(
+            f"{p:9s}: {t:9.3f} s CKA time ({tokens / t:,.0f} tokens/s, {t_ref / t:.1f}x float64)  "
+            f"peak mem {gib(mem.peak)}  max |CKA - float64 CKA| over {values.numel()} pairs = {err:.2e} ({flag})"
+        )
+        out += f" {p}={t:.3f}s({tokens / t:,.0f}tok/s,maxdiff={err:.1e}{'' if err <= 1e-4 else ',ABOVE'})"
+    return out
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -242,7 +265,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--quick", action="store_true", help="small size: 6 layers, d 64/128, 2000 tokens, batch 200"
     )
+    ap.add_argument(
+        "--fast",
+        default="bf16,tf32",
+        help="comma-separated reduced precisions of MinibatchCKA to time against float64 ('' for none)",
+    )
+    ap.add_argument("--no-baseline", action="store_true", help="skip the per-pair baseline loop")
     args = ap.parse_args(argv)
+    fast = [p for p in args.fast.split(",") if p]
     if args.quick:
         args.layers, args.d_a, args.d_b, args.tokens, args.batch = 6, 64, 128, 2000, 200
     device = torch.device(args.device)
@@ -258,12 +288,19 @@ def main(argv: list[str] | None = None) -> None:
         f"d_a={args.d_a} d_b={args.d_b} layers={L}x{L} tokens={tokens} minibatch={args.batch} ({len(sizes)} minibatches), float64 Grams"
     )
 
-    warm_up(device)
+    warm_up(device, fast)
     with PeakMemory(device) as mem_s:
         streamed, t_s, t_gen = run_streamed(sa, sb, sizes, args.rank, device)
     print(
         f"streamed : {t_s:9.2f} s CKA time ({tokens / t_s:,.0f} tokens/s)  peak mem {gib(mem_s.peak)}  [data generation {t_gen:.2f} s, not counted]"
     )
+    fast_summary = run_fast(sa, sb, sizes, args.rank, device, fast, streamed, t_s)
+    if args.no_baseline:
+        print(f"SUMMARY device={device.type} grid={L}x{L} d_a={args.d_a} d_b={args.d_b} tokens={tokens} "
+              f"batch={args.batch} float64={t_s:.3f}s{fast_summary}")  # fmt: skip
+        if "ABOVE" in fast_summary:
+            raise SystemExit("a reduced-precision path is more than 1e-4 from float64")
+        return
 
     full_store = tokens * L * (args.d_a + args.d_b) * 4
     k = L if args.baseline_layers is None else max(1, min(L, args.baseline_layers))
@@ -295,10 +332,12 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"SUMMARY device={device.type} grid={L}x{L} d_a={args.d_a} d_b={args.d_b} tokens={tokens} batch={args.batch} "
         f"streamed={t_s:.2f}s baseline={t_b:.2f}s({extrap}) speedup={ratio:.1f}x "
-        f"peak_mem streamed={gib(mem_s.peak)} baseline={gib(mem_b.peak)} max_abs_diff={diff:.1e}"
+        f"peak_mem streamed={gib(mem_s.peak)} baseline={gib(mem_b.peak)} max_abs_diff={diff:.1e}{fast_summary}"
     )
     if diff > 1e-8:
         raise SystemExit(f"streamed and baseline CKA disagree by {diff:.2e}")
+    if "ABOVE" in fast_summary:
+        raise SystemExit("a reduced-precision path is more than 1e-4 from float64")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,13 @@ equal-sized minibatches) and
 
 State is O(P_A * P_B) numbers plus at most one pending minibatch: memory does not grow with the
 number of tokens; the transient cost per minibatch is (P_A + P_B) n^2 float64 numbers.
+
+``precision="float64"`` is that path. "float32", "tf32" and "bf16" form the Grams of each side
+with one batched product from features centred in float32 and rounded once (`fastgram`), and
+combine float64 row sums into the same unbiased HSIC; the HSIC sums are float64 in every case.
+"auto" (the default) is float64 except on CUDA, where it is bf16: on an H200, 33x33 points at
+d=4096 over 100k tokens take 0.37 s instead of 2.03 s, with CKA within 9e-7 of float64 (3e-6 on
+the default grid of `benchmarks/similarity.py`, which prints both).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from xlens_align.validate import check_finite
 
 from ._util import DegenerateInputWarning, fixed_exponent, point_list, same_rows, scaled64
 from .cka import u_center
+from .fastgram import check_precision, hsic_terms, resolve_precision, side_grams
 
 __all__ = ["MinibatchCKA"]
 
@@ -43,6 +51,9 @@ class MinibatchCKA:
     bounded whatever the update sizes); `compute` then also counts a pending partial minibatch
     of >= 4 rows without consuming it. Every minibatch needs at least 4 rows.
     device: where Grams are computed (default: the device of the first update's tensors).
+    precision: "float64" (float64 Grams, U-centred), "float32" (IEEE float32 Grams), "tf32" or
+    "bf16" (Grams from TF32 / bfloat16 inputs with float32 accumulation), all with float64 HSIC
+    sums; "auto": float64 unless the device is CUDA, bf16 there (`resolved_precision` says which).
     `update` also accepts two plain tensors (one point per side, `compute` gives [1, 1]).
     """
 
@@ -53,6 +64,7 @@ class MinibatchCKA:
         *,
         minibatch_size: int | None = None,
         device: torch.device | str | None = None,
+        precision: str = "auto",
     ) -> None:
         if minibatch_size is not None and (not isinstance(minibatch_size, int) or minibatch_size < 4):
             raise ValueError(f"minibatch_size must be None or an int >= 4, got {minibatch_size!r}")
@@ -60,8 +72,10 @@ class MinibatchCKA:
         self.points_b = point_list(points_b, "points_b")
         self.minibatch_size = minibatch_size
         self.device = torch.device(device) if device is not None else None
+        self.precision = check_precision(precision)
         self._dims: dict[tuple[str, str], int] = {}
         self._exponents: dict[tuple[str, int], int] = {}
+        self._scale_t: dict[str, Tensor] = {}
         self._sum_ab: Tensor | None = None
         self._sum_aa: Tensor | None = None
         self._sum_bb: Tensor | None = None
@@ -73,12 +87,17 @@ class MinibatchCKA:
         self._pending_n = 0
 
     @property
+    def resolved_precision(self) -> str | None:
+        """The precision in use ("auto" resolved on the device; None before the first update)."""
+        return None if self.device is None else resolve_precision(self.precision, self.device)
+
+    @property
     def pending_rows(self) -> int:
         """Rows waiting for a full minibatch (re-chunking mode only)."""
         return self._pending_n
 
     # -- input handling -----------------------------------------------------------------------
-    def _check(self, acts: Mapping[str, Tensor] | Tensor, side: str) -> list[Tensor]:
+    def _check(self, acts: Mapping[str, Tensor] | Tensor, side: str, finite: bool = True) -> list[Tensor]:
         if isinstance(acts, Tensor):
             acts = {side: acts}
         if not isinstance(acts, Mapping):
@@ -105,17 +124,15 @@ class MinibatchCKA:
             if t.shape[1] != d:
                 raise ValueError(f"{name} has {t.shape[1]} features, earlier updates had {d}")
             out.append(t)
-        # one device sync for all points; the per-tensor check only runs to name the culprit
-        if out and not bool(torch.stack([torch.isfinite(t).all().to(out[0].device) for t in out]).all()):
-            for p, t in zip(points, out, strict=True):
-                check_finite(t, f"acts_{side}[{p!r}]")
+        if finite:
+            _check_finite(out, points, side)
         return out
 
     def update(
         self, acts_a: Mapping[str, Tensor] | Tensor, acts_b: Mapping[str, Tensor] | Tensor
     ) -> MinibatchCKA:
         """Add paired activations (row i of every tensor = the same token)."""
-        xs, ys = self._check(acts_a, "a"), self._check(acts_b, "b")
+        xs, ys = self._check(acts_a, "a", finite=False), self._check(acts_b, "b", finite=False)
         n = same_rows((*xs, *ys), "the activations of one update")
         if n == 0:
             return self
@@ -127,8 +144,11 @@ class MinibatchCKA:
                     f"each minibatch needs at least 4 rows for the unbiased HSIC, got an update of {n}; with "
                     "minibatch_size=None every update is one minibatch: pass minibatch_size=1024 to re-chunk"
                 )
-            self._add(*self._hsic(xs, ys))
+            # the reduced-precision paths check finiteness from the column means they compute
+            self._add(*self._hsic(xs, ys, checked=False))
             return self
+        _check_finite(xs, self.points_a or [], "a")
+        _check_finite(ys, self.points_b or [], "b")
         self._pending_a.append(_Rows(xs))
         self._pending_b.append(_Rows(ys))
         self._pending_n += n
@@ -164,8 +184,27 @@ class MinibatchCKA:
             torch.mm(x, x.T, out=k[i])
         return u_center(k, inplace=True).view(len(ts), n * n)
 
-    def _hsic(self, xs: list[Tensor], ys: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, int]:
+    def _fast(self, ts: list[Tensor], side: str, precision: str):
+        scales = [2.0 ** -fixed_exponent(self._exponents, (side, i), t) for i, t in enumerate(ts)]
+        if side not in self._scale_t:  # the exponents are fixed from here on: one copy to the device
+            self._scale_t[side] = torch.tensor(scales, dtype=torch.float64, device=self.device)
+        return side_grams(ts, scales, precision, self._scale_t[side])
+
+    def _hsic(
+        self, xs: list[Tensor], ys: list[Tensor], checked: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
         n = xs[0].shape[0]
+        precision = self.resolved_precision
+        if precision != "float64":
+            ga, gb = self._fast(xs, "a", precision), self._fast(ys, "b", precision)
+            if checked or bool(ga.finite & gb.finite):
+                return *hsic_terms(ga, gb), n
+            # names the culprit; all finite: a float32 column mean overflowed, so this minibatch
+            # goes the float64 way
+            checked = False
+        if not checked:
+            _check_finite(xs, self.points_a or [], "a")
+            _check_finite(ys, self.points_b or [], "b")
         ka = self._grams(xs, n, "a")
         kb = self._grams(ys, n, "b")
         scale = 1.0 / (n * (n - 3))
@@ -220,6 +259,21 @@ class MinibatchCKA:
         return torch.where(
             den > 0, hab / den.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(hab)
         )
+
+
+def _check_finite(ts: list[Tensor], points: Sequence[str], side: str) -> None:
+    """ValueError naming the first point with a non-finite value. One reduction pass (a multi-tensor
+    kernel where the tensors allow it) and one device sync for all points: a sum of |x| is
+    non-finite when x is (or overflows); the per-tensor check only runs to name the culprit."""
+    if not ts:
+        return
+    try:
+        norms = list(torch._foreach_norm(ts, 1))
+    except (RuntimeError, TypeError, AttributeError):
+        norms = [torch.linalg.vector_norm(t, 1) for t in ts]
+    if not bool(torch.isfinite(torch.stack([v.to(ts[0].device) for v in norms])).all()):
+        for p, t in zip(points, ts, strict=True):
+            check_finite(t, f"acts_{side}[{p!r}]")
 
 
 class _Rows:
