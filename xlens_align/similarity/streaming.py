@@ -15,9 +15,10 @@ number of tokens; the transient cost per minibatch is (P_A + P_B) n^2 float64 nu
 ``precision="float64"`` is that path. "float32", "tf32" and "bf16" form the Grams of each side
 with one batched product from features centred in float32 and rounded once (`fastgram`), and
 combine float64 row sums into the same unbiased HSIC; the HSIC sums are float64 in every case.
-"auto" (the default) is float64 except on CUDA, where it is bf16: on an H200, 33x33 points at
-d=4096 over 100k tokens take 0.37 s instead of 2.03 s, with CKA within 9e-7 of float64 (3e-6 on
-the default grid of `benchmarks/similarity.py`, which prints both).
+"auto" (the default) is float64 except on CUDA, where it is tf32: on an H200, 33x33 points at
+d=4096 over 100k tokens take 0.38 s instead of 2.03 s, with CKA within 6.4e-8 of float64 (3e-7 on
+the default grid of `benchmarks/similarity.py`, which prints both). bf16 is as fast there (0.37 s:
+the centring pass, not the product, dominates) and ~10x less accurate (8.9e-7, 2.7e-6).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class MinibatchCKA:
     device: where Grams are computed (default: the device of the first update's tensors).
     precision: "float64" (float64 Grams, U-centred), "float32" (IEEE float32 Grams), "tf32" or
     "bf16" (Grams from TF32 / bfloat16 inputs with float32 accumulation), all with float64 HSIC
-    sums; "auto": float64 unless the device is CUDA, bf16 there (`resolved_precision` says which).
+    sums; "auto": float64 unless the device is CUDA, tf32 there (`resolved_precision` says which).
     `update` also accepts two plain tensors (one point per side, `compute` gives [1, 1]).
     """
 
