@@ -280,3 +280,25 @@ def test_remote_large_patches_are_split_by_rows(checkpoints, monkeypatch):
         assert (out - forward_patched(local, ids, mask, spec))[real].abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match="max_request_bytes must be a positive int"):
         RemoteModel(path, host="local", max_request_bytes=0)
+
+
+def test_remote_patch_block_equals_local(checkpoints):
+    """`xa.patch` around forward() writes the same values on a remote model as hooks do locally."""
+    path = checkpoints["llama"]
+    local, remote = xa.load_model(path), xa.load_model(f"remote:{path}", host="local")
+    ids, mask = local.to_tokens(TEXTS)
+    real = mask.bool()
+    cells = (torch.tensor([0, 1]), torch.tensor([1, 2]))
+    vals = torch.randn(2, local.d_model, generator=torch.Generator().manual_seed(1)) * 3
+    with xa.patch(local, "resid_post.0", vals, cells):
+        want = local.forward(ids, mask)
+    with xa.patch(remote, "resid_post.0", vals, cells):
+        got = remote.forward(ids, mask)
+        with pytest.raises(RuntimeError, match="would not see the patch"):
+            remote.run_with_points(ids, mask, ["final"])
+    clean = remote.forward(ids, mask)  # the block is closed: no write left behind
+    assert (want - got)[real].abs().max().item() <= 1e-5
+    assert (got - clean)[real].abs().max().item() > 1e-3
+    assert (clean - local.forward(ids, mask))[real].abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="hidden size"), xa.patch(remote, "resid_post.0", vals[:, :3], cells):
+        pass

@@ -121,6 +121,19 @@ def patch_hooks(
     positions: Positions = None,
 ) -> list[tuple[str, Callable]]:
     """The (hook_name, fn) pairs that `patch` installs: for `run_with_hooks` or TransformerLens helpers."""
+    specs = _specs(point, values, positions)
+    hooks = []
+    for key, (v, pos) in specs.items():
+        pt = model.point(key)  # ValueError listing valid points; a Point passes through
+        hook_name, p = pt.hook_name(), pt.name
+        _check_values(model, p, v)
+        _check_positions(p, pos)
+        hooks.append((hook_name, _writer(p, v, pos)))
+    return hooks
+
+
+def _specs(point: Any, values: Values | None, positions: Positions) -> dict[Any, tuple[Values, Positions]]:
+    """``{point: (values, positions)}`` from `patch`'s arguments (one point, or a mapping)."""
     if isinstance(point, Mapping):
         if values is not None:
             raise ValueError("give values inside the mapping {point: values}, not as a separate argument")
@@ -135,14 +148,7 @@ def patch_hooks(
         )
     if not specs:
         raise ValueError("nothing to patch: the mapping of points is empty")
-    hooks = []
-    for key, (v, pos) in specs.items():
-        pt = model.point(key)  # ValueError listing valid points; a Point passes through
-        hook_name, p = pt.hook_name(), pt.name
-        _check_values(model, p, v)
-        _check_positions(p, pos)
-        hooks.append((hook_name, _writer(p, v, pos)))
-    return hooks
+    return specs
 
 
 @contextlib.contextmanager
@@ -152,8 +158,17 @@ def patch(
     values: Values | None = None,
     positions: Positions = None,
 ) -> Iterator[Any]:
-    """Context manager: while open, forward passes of `model` see `values` written at `point`."""
-    hooks = patch_hooks(model, point, values, positions)
+    """Context manager: while open, forward passes of `model` see `values` written at `point`.
+
+    A `LensModel` gets TransformerLens hooks; a model that runs elsewhere (with ``run_patched``
+    and a ``writing(spec)`` context, e.g. a remote model) writes the values inside each trace
+    its ``forward`` sends while the block is open."""
+    hooks = patch_hooks(model, point, values, positions)  # checks points, values and positions
+    if callable(getattr(model, "run_patched", None)):
+        spec = {model.point(p): v for p, v in _specs(point, values, positions).items()}
+        with model.writing(spec):
+            yield model
+        return
     with model.bridge.hooks(fwd_hooks=hooks):
         yield model
 

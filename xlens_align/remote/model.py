@@ -17,9 +17,10 @@ deserialize dry run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -108,6 +109,7 @@ class RemoteModel:
         self._lm = _language_model(self.source, self.tokenizer_path)
         self.model_key = self._lm.to_model_key()
         self._checked = False
+        self._writing: list[dict[Point, tuple[Any, Any]]] = []  # open xa.patch blocks
         if check:
             self.check()
 
@@ -131,9 +133,9 @@ class RemoteModel:
     @property
     def bridge(self) -> Any:
         raise AttributeError(
-            f"{self!r} runs on a server: it has no TransformerBridge (nor TransformerLens hooks, so no "
-            "xa.patch block). Patch it with xlens_align.patching.forward_patched(model, ids, mask, "
-            "{point: (values, positions)}) and read points with run_with_points"
+            f"{self!r} runs on a server: it has no TransformerBridge nor TransformerLens hooks. Patch it "
+            "with an xa.patch block around forward(), or xlens_align.patching.forward_patched(model, ids, "
+            "mask, {point: (values, positions)}); read points with run_with_points"
         )
 
     def module_path(self, point: str | Point) -> str:
@@ -175,6 +177,11 @@ class RemoteModel:
         points as given, each [batch, pos, d_model] on the CPU."""
         if fwd_hooks:
             raise TypeError(f"fwd_hooks: {self!r} takes no TransformerLens hooks; patch with forward_patched")
+        if self._writing:
+            raise RuntimeError(
+                f"{self!r}: run_with_points inside an xa.patch block would not see the patch; call "
+                "forward() inside the block, or read the points outside it"
+            )
         if isinstance(points, str | Point) or not points:
             raise TypeError(
                 f"points must be a non-empty list of points such as ['resid_post.3'], got {points!r}"
@@ -217,10 +224,24 @@ class RemoteModel:
         return self._trace(input_ids, attention_mask, steps, True)[1]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, fwd_hooks: Sequence[Any] = ()):
-        """B's clean logits [batch, pos, vocab] from one request."""
+        """Logits [batch, pos, vocab] from one request: clean, or with the writes of the open
+        `xa.patch` blocks (the innermost block wins where two write the same point)."""
         if fwd_hooks:
             raise TypeError(f"fwd_hooks: {self!r} takes no TransformerLens hooks; patch with forward_patched")
-        return self.run_patched(input_ids, attention_mask, {})
+        spec: dict[Point, tuple[Any, Any]] = {}
+        for block in self._writing:
+            spec.update(block)
+        return self.run_patched(input_ids, attention_mask, spec)
+
+    @contextlib.contextmanager
+    def writing(self, spec: Mapping[Point, tuple[Any, Any]]) -> Iterator[None]:
+        """While open, `forward` writes ``spec = {point: (values, positions)}`` (what `xa.patch`
+        uses for a remote model). `run_with_points` refuses to run inside: it would not see them."""
+        self._writing.append(dict(spec))
+        try:
+            yield
+        finally:
+            self._writing.pop()
 
     @property
     def hf_model(self) -> Any:
