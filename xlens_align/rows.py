@@ -32,10 +32,7 @@ from torch import Tensor
 from .tokens import RowMeta
 from .validate import nonneg_int, optional_positive_float
 
-__all__ = ["FILTER_NAMES", "RowFilter", "massive_rows", "merge_counts"]
-
-FILTER_NAMES = ("bos", "drop_first", "massive")
-"""Keys of the ``filtered`` counts results report."""
+__all__ = ["RowFilter", "massive_rows", "merge_counts"]
 
 
 def massive_rows(
@@ -86,7 +83,9 @@ class RowFilter:
             raise TypeError(f"rows must be a RowFilter or a dict of its settings, got {type(value).__name__}")
         unknown = set(kw) - {"drop_first", "massive", "clamp"}
         if unknown:
-            raise TypeError(f"unknown row filter settings {sorted(unknown)}; valid: drop_first, massive, clamp")
+            raise TypeError(
+                f"unknown row filter settings {sorted(unknown)}; valid: drop_first, massive, clamp"
+            )
         return cls(**{k: v for k, v in kw.items() if v is not None or k != "drop_first"})
 
     # -- filters on positions (known before any model runs) -------------------------------------
@@ -138,7 +137,12 @@ class RowFilter:
 
     def describe(self) -> dict[str, Any]:
         """The settings as JSON values (for results and map provenance); BOS is always excluded."""
-        return {"bos": "excluded", "drop_first": self.drop_first, "massive": self.massive, "clamp": self.clamp}
+        return {
+            "bos": "excluded",
+            "drop_first": self.drop_first,
+            "massive": self.massive,
+            "clamp": self.clamp,
+        }
 
 
 def merge_counts(into: dict[str, int], counts: dict[str, int]) -> dict[str, int]:

@@ -127,13 +127,6 @@ class Sums:
         """Mean of ``"nll"``, ``"kl"`` or ``"top1"`` over the predictions added (NaN for none)."""
         return getattr(self, what) / self.n if self.n else math.nan
 
-    def merge_(self, other: Sums) -> Sums:
-        self.nll += other.nll
-        self.kl += other.kl
-        self.top1 += other.top1
-        self.n += other.n
-        return self
-
 
 def score(sel: Float[Tensor, "m V"], labels: Int[Tensor, " m"], ref: Reference, into: Sums) -> None:
     """Add one run's metrics at the scored predictions (`sel` from `scored_logits`) to `into`."""

@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..fitting import fit_maps
 from ..plan import apply_map, plans, read_a, run_b
 from ..points import Point
 from ..rows import RowFilter, merge_counts
@@ -86,7 +87,9 @@ def _cells(
         if not sources or not targets:
             raise ValueError("with a fit function as maps, give sources=[...] and targets=[...]")
         entries = {
-            (resolve(a, s, "sources", "A"), resolve(b, t, "targets", "B")): maps for s in sources for t in targets
+            (resolve(a, s, "sources", "A"), resolve(b, t, "targets", "B")): maps
+            for s in sources
+            for t in targets
         }
     else:
         raise TypeError(
@@ -184,8 +187,6 @@ def run_grid(
                 "maps given as fit functions need fit_texts=... (texts to fit them on, distinct from the "
                 "evaluation texts)"
             )
-        from ..fitting import fit_maps
-
         entries.update(
             fit_maps(pair, fns, fit_texts, batch_size=batch_size, rows=rows, progress=progress, **align)
         )
@@ -195,7 +196,14 @@ def run_grid(
     used_srcs = list(dict.fromkeys(s for s, _ in cells))
     used_tgts = list(dict.fromkeys(t for _, t in cells))
     abl, abl_name = ablation_vectors(
-        pair, used_tgts, ablation, ablation_texts, texts, batch_size=batch_size, rows=rows, align=align,
+        pair,
+        used_tgts,
+        ablation,
+        ablation_texts,
+        texts,
+        batch_size=batch_size,
+        rows=rows,
+        align=align,
         stacklevel=stacklevel + 1,
     )
     clean = Sums()
@@ -204,7 +212,9 @@ def run_grid(
     n_patched, n_forwards, filtered = 0, 0, {}
     t0 = time.perf_counter()
     with torch.no_grad():
-        for plan in plans(pair, texts, batch_size=batch_size, rows=rows, progress=progress, desc="grid", **align):
+        for plan in plans(
+            pair, texts, batch_size=batch_size, rows=rows, progress=progress, desc="grid", **align
+        ):
             if plan.n_patched:
                 X, plan = read_a(pair.a, plan, used_srcs, rows)
             merge_counts(filtered, plan.filtered)

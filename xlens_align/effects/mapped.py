@@ -143,7 +143,9 @@ def mapped_patch(
         plan = make_plan(pair, texts, rows)
     else:
         texts = check_texts(texts)
-        plan = next(plans(pair, texts, batch_size=len(texts), rows=rows, max_length=max_length, overflow=overflow))
+        plan = next(
+            plans(pair, texts, batch_size=len(texts), rows=rows, max_length=max_length, overflow=overflow)
+        )
     with torch.no_grad():
         X, plan = read_a(pair.a, plan, [src], rows)
         Y = apply_map(map, X[src], pair, src, tgt)

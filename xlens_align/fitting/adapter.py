@@ -87,7 +87,9 @@ def _batches(
     return out, ys
 
 
-def patched_loss(model: Any, target: Point, objective: str) -> Callable[[Callable, PlannedRows], tuple[Tensor, int]]:
+def patched_loss(
+    model: Any, target: Point, objective: str
+) -> Callable[[Callable, PlannedRows], tuple[Tensor, int]]:
     """The adapter's loss: ``loss(apply, batch) -> (sum over the scored predictions, count)`` of
     `objective` with ``apply(batch.x)`` written into `model` (B) at `target`."""
     if objective not in OBJECTIVES:
@@ -165,7 +167,9 @@ def train_adapter(
     if val_texts is not None:
         val, _ = _batches(pair, check_texts(val_texts, "val_texts"), src, None, batch_size, rows, align)
         if not val:
-            raise ValueError(f"val_texts: no aligned position is left to patch (row filters {rows.describe()})")
+            raise ValueError(
+                f"val_texts: no aligned position is left to patch (row filters {rows.describe()})"
+            )
     X, Y = torch.cat([t.x for t in train]), torch.cat(ys).to(pair.b.device)
     with frozen(pair.a.bridge, pair.a.hf_model, pair.b.bridge, pair.b.hf_model):
         ad.fit(X, Y, loss=patched_loss(pair.b, tgt, objective), batches=train, val_batches=val)
