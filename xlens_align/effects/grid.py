@@ -24,9 +24,10 @@ from ..fitting import fit_maps
 from ..plan import apply_map, plans, read_a, run_b
 from ..points import Point
 from ..rows import RowFilter, merge_counts
-from ..scoring import Reference, Sums, reference, score, scored_logits
+from ..scoring import Reference, reference, scored_logits
 from ..validate import check_texts, positive_int
 from .ablation import ablation_vectors
+from .intervals import TextSums, add_intervals, check_interval_args, score_texts
 from .mapped import check_map, is_map, map_kind, resolve
 from .tables import Effect, EffectTable, make_effect, table
 
@@ -41,7 +42,9 @@ class PatchGrid:
 
     recovered / kl / top1 / ce_patched: float64 [n_sources, n_targets] (NaN where no map was
     given); ce_clean: B's clean loss (the same predictions for every cell); ce_ablated: per
-    target; effects: the full `Effect` of every cell; extra: timing, forwards, row filters.
+    target; effects: the full `Effect` of every cell; extra: timing, forwards, row filters;
+    text_sums: float64 [n_texts, 4] per-text sums (nll, kl, top1, n) of each run, keyed
+    ``"clean"``, ``("ablated", target)`` and ``(source, target)`` (`effects.intervals`).
     """
 
     sources: list[str]
@@ -58,6 +61,7 @@ class PatchGrid:
     model_a: str = "A"
     model_b: str = "B"
     extra: dict[str, Any] = field(default_factory=dict)
+    text_sums: dict[Any, Tensor] = field(default_factory=dict, repr=False)
 
     def table(self, digits: int = 4) -> EffectTable:
         return table(list(self.effects.values()), digits=digits)
@@ -130,6 +134,9 @@ def grid(
     max_length: int | tuple[int, int] | None = None,
     overflow: str = "error",
     progress: bool = False,
+    n_boot: int = 0,
+    level: float = 0.95,
+    seed: int = 0,
 ) -> PatchGrid:
     """Effects of many mapped patches at once: the functional heatmap [sources x targets].
 
@@ -138,14 +145,17 @@ def grid(
     `fitting.fit_maps` on the paired rows of `fit_texts` (then required) with the same row
     filters; `maps` itself may be one fit function used for every cell of ``sources x targets``.
     The numbers equal `measure` cell by cell. Memory: one forward holds the logits of
-    ``cells_per_forward * batch_size`` rows.
+    ``cells_per_forward * batch_size`` rows. ``n_boot > 0``: percentile bootstrap intervals over
+    texts at `level` on every cell's recovered / KL / top-1 (`effects.intervals`).
     """
-    return run_grid(
+    n_boot, level, seed = check_interval_args(n_boot, level, seed)
+    g = run_grid(
         pair, maps, texts, sources=sources, targets=targets, fit_texts=fit_texts, ablation=ablation,
         ablation_texts=ablation_texts, batch_size=batch_size, drop_first=drop_first, massive=massive,
         clamp=clamp, cells_per_forward=cells_per_forward, max_length=max_length, overflow=overflow,
         progress=progress, stacklevel=3,
     )  # fmt: skip
+    return add_intervals(g, n_boot, level, seed)
 
 
 def run_grid(
@@ -206,15 +216,16 @@ def run_grid(
         align=align,
         stacklevel=stacklevel + 1,
     )
-    clean = Sums()
-    ablated = {t: Sums() for t in used_tgts}
-    patched = {c: Sums() for c in cells}
-    n_patched, n_forwards, filtered = 0, 0, {}
+    clean = TextSums(len(texts))
+    ablated = {t: TextSums(len(texts)) for t in used_tgts}
+    patched = {c: TextSums(len(texts)) for c in cells}
+    n_patched, n_forwards, filtered, text0 = 0, 0, {}, 0
     t0 = time.perf_counter()
     with torch.no_grad():
         for plan in plans(
             pair, texts, batch_size=batch_size, rows=rows, progress=progress, desc="grid", **align
         ):
+            text0 += len(plan.batch.texts)  # texts so far: the text index of each prediction (TextSums)
             if plan.n_patched:
                 X, plan = read_a(pair.a, plan, used_srcs, rows)
             merge_counts(filtered, plan.filtered)
@@ -222,7 +233,8 @@ def run_grid(
                 continue
             # variants: (sums, target or None, values or the cell whose mapped values to compute);
             # mapped values are computed chunk by chunk, so memory holds one chunk's worth
-            variants: list[tuple[Sums, Point | None, Any]] = [(clean, None, None)]
+            at_text = text0 - len(plan.batch.texts) + plan.batch.row_text.to(plan.labels.device)[plan.score_at[0]]
+            variants: list[tuple[TextSums, Point | None, Any]] = [(clean, None, None)]
             variants += [(ablated[t], t, abl[t].expand(plan.n_patched, -1)) for t in used_tgts]
             variants += [(patched[c], c[1], c) for c in cells]
             ref: Reference | None = None
@@ -237,7 +249,7 @@ def run_grid(
                     sel = scored_logits(logits, plan.score_at, plan.batch_rows, j)
                     if ref is None:  # the first replicate of the first chunk is the clean run
                         ref = reference(sel)
-                    score(sel, plan.labels, ref, sums)
+                    score_texts(sel, plan.labels, ref, sums, at_text)
                 del logits
             n_patched += plan.n_patched
     seconds = time.perf_counter() - t0
@@ -270,6 +282,11 @@ def run_grid(
             "seconds": seconds,
             "rows": rows.describe(),
             "filtered": filtered,
+        },
+        text_sums={
+            "clean": clean.per_text,
+            **{("ablated", t.name): ablated[t].per_text for t in used_tgts},
+            **{(s.name, t.name): patched[s, t].per_text for s, t in cells},
         },
         **mats,
     )

@@ -18,6 +18,7 @@ from typing import Any
 from torch import Tensor
 
 from .grid import run_grid
+from .intervals import add_intervals, check_interval_args
 from .mapped import check_map
 from .tables import Effect
 
@@ -40,10 +41,16 @@ def measure(
     max_length: int | tuple[int, int] | None = None,
     overflow: str = "error",
     progress: bool = False,
+    n_boot: int = 0,
+    level: float = 0.95,
+    seed: int = 0,
 ) -> Effect:
     """Effect of patching ``map(A[source])`` into B at `target` (see `plan` for which cells are
     written and which predictions are scored, `effects.ablation` for the baselines, `rows` for
-    `drop_first` / `massive` / `clamp`; `massive` judges A's source rows)."""
+    `drop_first` / `massive` / `clamp`; `massive` judges A's source rows). ``n_boot > 0``: percentile
+    bootstrap intervals at `level` over `texts` on recovered / KL / top-1 (``eff.recovered_ci``, ...;
+    `effects.intervals`), seeded by `seed`."""
+    n_boot, level, seed = check_interval_args(n_boot, level, seed)
     src, tgt = check_map(pair, map, source, target)
     g = run_grid(
         pair, {(src, tgt): map}, texts, sources=None, targets=None, fit_texts=None, ablation=ablation,
@@ -51,4 +58,4 @@ def measure(
         clamp=clamp, cells_per_forward=1, max_length=max_length, overflow=overflow, progress=progress,
         stacklevel=3,
     )  # fmt: skip
-    return g.effects[src.name, tgt.name]
+    return add_intervals(g, n_boot, level, seed).effects[src.name, tgt.name]

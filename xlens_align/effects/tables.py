@@ -25,7 +25,9 @@ class Effect:
     ablated run. n_tokens: scored predictions (see `plan`); n_patched: positions written;
     n_texts: texts; rows: the row filter settings (`rows.RowFilter.describe`); filtered: how many
     aligned rows each filter dropped. mode: "inject" for the embedding-injection baseline (target
-    "embed"), else "patch".
+    "embed"), else "patch". recovered_ci / kl_ci / top1_ci: (low, high) percentile bootstrap
+    intervals over texts at `ci_level` from `n_boot` replicates (`effects.intervals`); None
+    without a bootstrap (n_boot=0) or when the number is undefined.
     """
 
     source: str
@@ -47,6 +49,11 @@ class Effect:
     filtered: dict[str, int] = field(default_factory=dict)
     recovered_undefined: bool = False
     note: str = ""
+    recovered_ci: tuple[float, float] | None = None
+    kl_ci: tuple[float, float] | None = None
+    top1_ci: tuple[float, float] | None = None
+    n_boot: int = 0
+    ci_level: float = math.nan
 
     @property
     def mode(self) -> str:
@@ -127,25 +134,32 @@ _COLUMNS = (
     ("n_tokens", "n_tokens"),
     ("n_patched", "n_patched"),
 )
+#: shown when any effect carries bootstrap intervals
+_CI_COLUMNS = (("recovered_ci", "recovered_ci"), ("kl_ci", "kl_ci"), ("top1_ci", "top1_ci"))
 
 
 def table(effects: Sequence[Effect] | Mapping[Any, Effect], *, digits: int = 4) -> EffectTable:
     """Render effects (mapped patches and embedding injections alike) as a plain-text table and a
-    list of dicts. Undefined `recovered` values are marked ``nan*`` and explained under the table."""
+    list of dicts. Undefined `recovered` values are marked ``nan*`` and explained under the table;
+    when any effect has bootstrap intervals, columns ``recovered_ci`` / ``kl_ci`` / ``top1_ci``
+    follow ("-" where there is none)."""
     effs = list(effects.values()) if isinstance(effects, Mapping) else list(effects)
     for i, e in enumerate(effs):
         if not isinstance(e, Effect):
             raise TypeError(f"effects[{i}] must be an Effect, got {type(e).__name__}")
+    columns = _COLUMNS + (_CI_COLUMNS if any(e.n_boot for e in effs) else ())
     rows = []
     for e in effs:
         d = e.as_dict()
-        rows.append({col: d[key] for col, key in _COLUMNS} | {"note": e.note})
-    cells = [[col for col, _ in _COLUMNS]]
+        rows.append({col: d[key] for col, key in columns} | {"note": e.note})
+    cells = [[col for col, _ in columns]]
     for e, r in zip(effs, rows, strict=True):
         line = []
-        for col, _ in _COLUMNS:
+        for col, _ in columns:
             v = r[col]
-            if isinstance(v, float):
+            if col.endswith("_ci"):
+                s = "-" if v is None else f"[{v[0]:.{digits}f}, {v[1]:.{digits}f}]"
+            elif isinstance(v, float):
                 s = f"{v:.{digits}f}"
                 if col == "recovered" and e.recovered_undefined:
                     s = "nan*"
@@ -153,12 +167,12 @@ def table(effects: Sequence[Effect] | Mapping[Any, Effect], *, digits: int = 4) 
                 s = str(v)
             line.append(s)
         cells.append(line)
-    widths = [max(len(c[i]) for c in cells) for i in range(len(_COLUMNS))]
-    numeric = {col for col, key in _COLUMNS if key.startswith(("ce_", "recovered", "kl", "top1", "n_"))}
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    numeric = {col for col, key in columns if key.startswith(("ce_", "recovered", "kl", "top1", "n_"))}
     lines = []
     for k, c in enumerate(cells):
         parts = [
-            s.rjust(w) if (_COLUMNS[i][0] in numeric and k > 0) else s.ljust(w)
+            s.rjust(w) if (columns[i][0] in numeric and k > 0) else s.ljust(w)
             for i, (s, w) in enumerate(zip(c, widths, strict=True))
         ]
         lines.append("  ".join(parts).rstrip())
