@@ -31,6 +31,7 @@ _SUBMODULES = {
     "similarity",
     "patching",
     "effects",
+    "transfer",
     "testing",
     "cli",
 }

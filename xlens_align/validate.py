@@ -20,6 +20,7 @@ __all__ = [
     "check_matrix",
     "check_pair",
     "check_texts",
+    "finite_float",
     "nonneg_float",
     "nonneg_int",
     "optional_positive_float",
@@ -63,6 +64,13 @@ def nonneg_float(value: Any, name: str) -> float:
     """`value` must be a finite number >= 0."""
     if not _is_number(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def finite_float(value: Any, name: str) -> float:
+    """`value` must be a finite number (any sign)."""
+    if not _is_number(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
