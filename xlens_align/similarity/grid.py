@@ -12,6 +12,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .views import VIEW_LABELS, check_view
+
 __all__ = ["DISTANCE_MEASURES", "Grid"]
 
 #: measures where lower means more similar (best_match takes the minimum)
@@ -36,7 +38,8 @@ class Grid:
 
     values: float64 [P_A, P_B]; ``values[i, j]`` compares ``points_a[i]`` with ``points_b[j]``
     (NaN = not computed). n_tokens: rows (tokens) the values are computed from. extra: JSON-able
-    details (filters, row counts, measure options, p-values ...).
+    details (filters, row counts, measure options, p-values ...). view: what was compared
+    (`similarity.views`): "raw" stream, "rms"-normalised rows or "standardized" dimensions.
     """
 
     values: Float[Tensor, "pa pb"]
@@ -47,8 +50,10 @@ class Grid:
     model_a: str = "A"
     model_b: str = "B"
     extra: dict[str, Any] = field(default_factory=dict)
+    view: str = "raw"
 
     def __post_init__(self) -> None:
+        self.view = check_view(self.view)
         self.values = torch.as_tensor(self.values, dtype=torch.float64).detach().cpu()
         self.points_a = [str(p) for p in self.points_a]
         self.points_b = [str(p) for p in self.points_b]
@@ -105,7 +110,10 @@ class Grid:
             )
         )
         fig.update_layout(
-            title=f"{self.measure}: {self.model_a} vs {self.model_b} (n_tokens = {self.n_tokens:,})",
+            title=(
+                f"{self.measure} on the {VIEW_LABELS[self.view]}: {self.model_a} vs {self.model_b} "
+                f"(n_tokens = {self.n_tokens:,})"
+            ),
             xaxis={"title": {"text": f"{self.model_b} point"}, "type": "category"},
             yaxis={"title": {"text": f"{self.model_a} point"}, "type": "category"},
             **layout,
@@ -131,6 +139,7 @@ class Grid:
                 "model_a": self.model_a,
                 "model_b": self.model_b,
                 "extra": _jsonable(self.extra),
+                "view": self.view,
             },
             allow_nan=False,
         )
@@ -163,4 +172,5 @@ class Grid:
             model_a=d.get("model_a", "A"),
             model_b=d.get("model_b", "B"),
             extra=d.get("extra", {}),
+            view=d.get("view", "raw"),
         )

@@ -9,7 +9,7 @@ to whatever batches it is given, with `rows.RowFilter`'s own rule.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -19,8 +19,17 @@ from xlens_align.rows import RowFilter
 from xlens_align.validate import check_finite
 
 from ._util import same_rows
+from .views import ColumnStats
 
-__all__ = ["MASSIVE_WARN_RATIO", "batch_dicts", "enter", "filter_rows", "warn_if_massive"]
+__all__ = [
+    "MASSIVE_WARN_RATIO",
+    "Recollect",
+    "batch_dicts",
+    "column_pass",
+    "enter",
+    "filter_rows",
+    "warn_if_massive",
+]
 
 #: an unfiltered grid warns when a row's norm exceeds this many times its point's median
 MASSIVE_WARN_RATIO = 100.0
@@ -101,3 +110,37 @@ def warn_if_massive(a: Acts, b: Acts, warned: set[str], stacklevel: int) -> None
                     UserWarning,
                     stacklevel=stacklevel,
                 )
+
+
+def column_pass(
+    batches: Iterable[Any], pa: list[str] | None, pb: list[str] | None, rows: RowFilter
+) -> dict[tuple[str, str], ColumnStats]:
+    """First pass of the "standardized" view: float64 column statistics of every point over the
+    rows the grid will use (entered and filtered exactly as in the main pass)."""
+    if iter(batches) is batches:
+        raise ValueError(
+            "view='standardized' needs every row's column statistics before the grid: batches must be "
+            "re-iterable (a list, not a generator or iterator); layer_grid collects twice"
+        )
+    cols: dict[tuple[str, str], ColumnStats] = {}
+    widths: dict[str, int] = {}
+    for batch in batches:
+        a_raw, b_raw = batch_dicts(batch)
+        pa = list(a_raw) if pa is None else pa
+        pb = list(b_raw) if pb is None else pb
+        a, b = enter(a_raw, pa, "a", rows.clamp, widths), enter(b_raw, pb, "b", rows.clamp, widths)
+        a, b, _, _ = filter_rows(a, b, rows)
+        for side, acts in (("a", a), ("b", b)):
+            for p, t in acts.items():
+                cols.setdefault((side, p), ColumnStats()).update(t)
+    return cols
+
+
+class Recollect:
+    """`collect(*args, **kw)` anew on each iteration (a re-iterable batch source)."""
+
+    def __init__(self, collect: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        self.collect, self.args, self.kw = collect, args, kw
+
+    def __iter__(self) -> Any:
+        return iter(self.collect(*self.args, **self.kw))

@@ -25,10 +25,12 @@ from ._util import SmallSampleWarning, fixed_exponent, point_list, scaled64
 from .cka import cka_grid_from_stats
 from .grid import Grid
 from .grid_controls import cell_controls
-from .intake import batch_dicts, enter, filter_rows, warn_if_massive
+from .intake import Recollect, batch_dicts, column_pass, enter, filter_rows, warn_if_massive
 from .measures import MEASURES, all_pairs, resolve_measure
 from .rowstore import RowStore
 from .streaming import MinibatchCKA
+from .views import check_view
+from .views import view as apply_view
 
 __all__ = ["MEASURES", "MIN_GRID_ROWS", "grid_from_batches", "layer_grid"]
 
@@ -96,6 +98,7 @@ def grid_from_batches(
     n_boot: int = 0,
     level: float = 0.95,
     control_rows: int = 512,
+    view: str = "raw",
 ) -> Grid:
     """Compute a `Grid` from an iterable of paired batches (objects with `.a` / `.b` dicts
     point -> Tensor [n, d] with equal rows, such as `collect`'s `PairedBatch`es, or ``(a, b)``
@@ -109,6 +112,12 @@ def grid_from_batches(
     ``grid.extra["filtered"]`` the dropped rows by filter (the batches' own ``.filtered`` counts
     summed with the grid's), ``grid.extra["rows_seen"]`` the rows that arrived.
 
+    view: what is compared (`views`): "raw" (the stream as it is), "rms" (each row over its RMS:
+    what the next layer's RMSNorm reads, before its gain) or "standardized" (each dimension
+    z-scored with its float64 mean / std over all the rows used). Applied to the filtered rows
+    before any measure sees them; "standardized" reads `batches` twice (a first pass for the
+    column statistics), so it needs a re-iterable (a list; `layer_grid` collects twice).
+
     Statistical controls on request: with ``n_perm > 0`` every cell gets a permutation-null
     p-value (rows of B shuffled, `permutation_test`), with ``n_boot > 0`` a percentile bootstrap
     interval at `level` (`bootstrap_ci`). Both run the measure's pure function (for "cka" the
@@ -119,10 +128,12 @@ def grid_from_batches(
     """
     nonneg_int(n_perm, "n_perm")
     nonneg_int(n_boot, "n_boot")
+    view = check_view(view)
     kw = dict(measure_kw or {})
     name, spec = resolve_measure(measure, kw)
     rows = RowFilter(massive=massive, clamp=clamp)
     pa, pb = point_list(points_a, "points_a"), point_list(points_b, "points_b")
+    cols = column_pass(batches, pa, pb, rows) if view == "standardized" else {}
 
     acc = MinibatchCKA(pa, pb, minibatch_size=minibatch_size) if name == "cka" and spec is None else None
     store = RowStore(max_rows, subsample, seed, name) if spec is not None else None
@@ -145,10 +156,13 @@ def grid_from_batches(
         merge_counts(filtered, counts)
         rows_seen += n
         n -= counts.get("massive", 0)
-        if rows.massive is None:
+        if rows.massive is None and view != "rms":
             warn_if_massive(a, b, warned, stacklevel=3)
         if n == 0:
             continue
+        if view != "raw":
+            a = {p: apply_view(t, view, cols.get(("a", p))) for p, t in a.items()}
+            b = {p: apply_view(t, view, cols.get(("b", p))) for p, t in b.items()}
         rows_in += n
         if sample is not None:
             sample.add(a, b, n)
@@ -200,7 +214,7 @@ def grid_from_batches(
                 progress=progress,
             )
         )
-    return Grid(values, pa, pb, name, n_tokens, model_a=model_a, model_b=model_b, extra=extra)
+    return Grid(values, pa, pb, name, n_tokens, model_a=model_a, model_b=model_b, extra=extra, view=view)
 
 
 #: fewest rows a grid should rest on: debiased CKA of unrelated points scatters by about +-1.4/n
@@ -269,6 +283,7 @@ def layer_grid(
     n_boot: int = 0,
     level: float = 0.95,
     control_rows: int = 512,
+    view: str = "raw",
     **collect_kw: Any,
 ) -> Grid:
     """Similarity of every (point of A, point of B) pair over `texts`, as a `Grid`.
@@ -285,8 +300,12 @@ def layer_grid(
     first k text tokens; applied by collect), ``massive`` (factor x the median row norm, e.g. 5.0;
     None: off) and ``clamp`` (applied by `grid_from_batches`). Models with massive activations:
     compare ``massive=5.0`` with ``massive=None``. n_perm / n_boot / level / control_rows:
-    per-cell controls on request (see `grid_from_batches`).
+    per-cell controls on request (see `grid_from_batches`). view: "raw" (default), "rms" (each row
+    divided by its RMS over dimensions: what the next layer's RMSNorm reads, before its gain) or
+    "standardized" (each dimension z-scored over the rows used; collects twice: a first pass for
+    the exact column statistics); recorded in ``grid.view`` and the figure's title.
     """
+    view = check_view(view)
     rows = RowFilter(drop_first=drop_first, massive=massive, clamp=clamp)
     pa, pb = point_list(points_a, "points_a"), point_list(points_b, "points_b")
     if pair is not None:
@@ -298,7 +317,8 @@ def layer_grid(
         from xlens_align.activations import collect
 
         _check_collect_kw(collect, collect_kw)
-        source = collect(
+        source = Recollect(
+            collect,
             pair,
             texts,
             points_a=pa,
@@ -309,6 +329,8 @@ def layer_grid(
             progress=progress,
             **collect_kw,
         )
+        if view != "standardized":  # one pass: the generator itself
+            source = iter(source)
     elif collect_kw or rows.drop_first:
         extra = sorted(collect_kw) + (["drop_first"] if rows.drop_first else [])
         raise TypeError(f"source= bypasses collect; unexpected collect arguments {extra}")
@@ -331,6 +353,7 @@ def layer_grid(
         n_boot=n_boot,
         level=level,
         control_rows=control_rows,
+        view=view,
     )
     grid.extra["rows"] = rows.describe()  # drop_first included: collect applied it
     return grid
