@@ -4,7 +4,8 @@ Pure functions of two ``[n, d]`` tensors whose rows describe the same items:
 `cka` (linear / RBF, debiased by default), `cca_corr`, `svcca`, `pwcca`,
 `procrustes_distance`, `mutual_knn`, `rsa`. Streaming: `MinibatchCKA` (a whole layer grid
 in one pass), `cka_from_stats` / `cka_grid_from_stats` (from `xlens_align.stats`).
-Controls: `permutation_test`, `bootstrap_ci`. Layer grids: `layer_grid` -> `Grid`.
+Controls: `permutation_test`, `bootstrap_ci`. Layer grids: `layer_grid` -> `Grid`; what they compare:
+`view` (`VIEWS`: the raw stream, RMS-normalised rows, standardized dimensions).
 
 Degenerate input (all rows identical) gives the measure's "no shared structure" value with a
 `DegenerateInputWarning`; non-finite, non-2-D or mismatched input raises ValueError. Every measure
@@ -32,10 +33,12 @@ from .geometry import knn_indices, mutual_knn, procrustes_distance, rankdata, rd
 from .grid import Grid
 from .streaming import MinibatchCKA
 from .sweep import MEASURES, MIN_GRID_ROWS, grid_from_batches, layer_grid
+from .views import VIEWS, view
 
 __all__ = [
     "MEASURES",
     "MIN_GRID_ROWS",
+    "VIEWS",
     "DegenerateInputWarning",
     "Grid",
     "Interval",
@@ -64,4 +67,5 @@ __all__ = [
     "spearman",
     "svcca",
     "u_center",
+    "view",
 ]
