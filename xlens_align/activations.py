@@ -24,6 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed
 from .points import Point
 from .rows import RowFilter, merge_counts
 from .stats import StatsGrid
@@ -206,14 +207,23 @@ def accumulate(
     pairs: Sequence[tuple[str, str]] | None = None,
     **collect_kw: Any,
 ) -> StatsGrid:
-    """Float64 `StatsGrid` of every (point of A, point of B) pair, in one streamed pass."""
+    """Float64 `StatsGrid` of every (point of A, point of B) pair, in one streamed pass. Under an
+    active process group each process reads its `distributed.shard` of `texts` and the statistics
+    are pooled once at the end (`distributed.reduce_grid`): every process gets the same grid."""
     grid: StatsGrid | None = None
     filtered: dict[str, int] = {}
-    for pb in collect(pair, texts, points_a, points_b, **collect_kw):
+    mine = distributed.shard(check_texts(texts), positive_int(collect_kw.get("batch_size", 8), "batch_size"))
+    kw = {**collect_kw, "progress": collect_kw.get("progress", True) and distributed.is_main()}
+    for pb in collect(pair, mine, points_a, points_b, **kw) if mine else ():
         if grid is None:
             grid = StatsGrid(list(pb.a), list(pb.b), pairs=pairs)
         grid.update(pb.a, pb.b)
         merge_counts(filtered, pb.filtered)
+    if distributed.active():
+        if grid is None:  # this process's shard is empty
+            names = [[p.name for p in resolve_points(m, pts, arg)] for m, pts, arg in ((pair.a, points_a, "points_a"), (pair.b, points_b, "points_b"))]  # fmt: skip
+            grid = StatsGrid(*names, pairs=pairs)
+        grid, filtered = distributed.reduce_grid(grid), distributed.reduce_counts(filtered)
     assert grid is not None
     require_rows(grid.n, filtered, collect_kw, len(texts), "accumulate")
     return grid

@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .. import distributed
 from ..plan import plans
 from ..points import Point
 from ..rows import RowFilter
@@ -68,9 +69,10 @@ def _mean(
     total = torch.zeros(b.d_model, dtype=torch.float64, device=b.device)
     n = 0
     with torch.no_grad():
-        for plan in plans(
-            pair, texts, batch_size=batch_size, rows=rows, progress=progress, desc="mean ablation", **align
-        ):
+        for plan in plans(  # under an active process group: this process's shard of the texts
+            pair, distributed.shard(texts, batch_size), batch_size=batch_size, rows=rows,
+            progress=progress and distributed.is_main(), desc="mean ablation", **align,
+        ):  # fmt: skip
             if plan.n_patched == 0:
                 continue
             _, acts = b.run_with_points(plan.ids_b, plan.mask_b, [tgt])
@@ -78,6 +80,7 @@ def _mean(
             keep, _ = rows.activations([Y])
             total += Y[keep].double().sum(0)
             n += int(keep.sum())
+    total, n = distributed.all_reduce_sum([total, n])  # sums and counts, not means, over processes
     if n == 0:
         raise ValueError(
             f"{arg}: no aligned position is left to average for the mean ablation at {tgt.name!r} "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -224,6 +225,27 @@ class MinibatchCKA:
         self._weight += n
         self.n_minibatches += 1
         self.n_rows += n
+
+    _STATE = ("sum_ab", "sum_aa", "sum_bb", "weight", "n_minibatches", "n_rows", "exponents")
+
+    def state(self) -> dict[str, Any]:
+        """The float64 HSIC sums and counts `compute` rests on, and the power of two each point's
+        rows are scaled by (``exponents``, {("a" | "b", index): e}), for merging the accumulators of
+        several processes (`xlens_align.distributed.reduce_cka`). A pending partial minibatch of
+        >= 4 rows is counted as one minibatch first."""
+        if self._pending_n >= 4:
+            self._add(*self._hsic(_Rows.cat(self._pending_a).ts, _Rows.cat(self._pending_b).ts))
+            self._pending_a, self._pending_b, self._pending_n = [], [], 0
+        own = (self._sum_ab, self._sum_aa, self._sum_bb, self._weight, self.n_minibatches, self.n_rows)
+        return dict(zip(self._STATE, (*own, dict(self._exponents)), strict=True))
+
+    def load_state(self, state: Mapping[str, Any]) -> MinibatchCKA:
+        """Replace the sums, counts and exponents by `state`'s (as `state` returns them)."""
+        self._sum_ab, self._sum_aa, self._sum_bb = state["sum_ab"], state["sum_aa"], state["sum_bb"]
+        self._weight, self.n_minibatches = float(state["weight"]), int(state["n_minibatches"])
+        self.n_rows = int(state["n_rows"])
+        self._exponents, self._scale_t = dict(state["exponents"]), {}
+        return self
 
     def mean_hsic(self) -> tuple[Float[Tensor, "pa pb"], Float[Tensor, " pa"], Float[Tensor, " pb"]]:
         """Row-weighted mean unbiased HSIC: (A x B pairs, A self, B self), pending rows included."""
