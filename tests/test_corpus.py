@@ -163,6 +163,23 @@ def test_txt_file_paragraphs(tmp_path):
     assert load(str(f), split="all", min_chars=1, max_chars=None)[2] == long
 
 
+def test_gzipped_txt_file_reads_like_the_txt(tmp_path):
+    import gzip
+
+    body = "First paragraph,\nwrapped.\n\nSecond paragraph \u00e9t\u00e9 here.\n"
+    (tmp_path / "a.txt").write_text(body, encoding="utf-8")
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(body.encode("utf-8")))
+    plain, packed = load(tmp_path / "a.txt", min_chars=5), load(tmp_path / "a.txt.gz", min_chars=5)
+    assert packed.texts == plain.texts == ["First paragraph,\nwrapped.", "Second paragraph \u00e9t\u00e9 here."]
+    assert packed.checksum == plain.checksum
+    (tmp_path / "bad.txt.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match="gzip"):
+        load(tmp_path / "bad.txt.gz")
+    (tmp_path / "x.bin.gz").write_bytes(gzip.compress(b"x"))
+    with pytest.raises(ValueError, match="unsupported corpus file"):
+        load(tmp_path / "x.bin.gz")
+
+
 def test_folder_of_txt_files(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "b.txt").write_text("Paragraph from b.\n\nSecond of b.", encoding="utf-8")

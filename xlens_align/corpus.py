@@ -10,7 +10,9 @@ into a train part and a held-out part by a seed:
   sorted order; headings, code / grammar blocks and tables are dropped; the wrapped lines of each
   prose paragraph are joined with single spaces; consecutive paragraphs of a topic are packed
   (joined by a blank line) into passages of at most `max_chars` characters.
-* a ``.txt`` / ``.md`` file: its paragraphs (separated by blank lines), each one passage.
+* a ``.txt`` / ``.md`` file: its paragraphs (separated by blank lines), each one passage;
+  gzip-compressed (``.txt.gz``, ``.md.gz``, e.g. Debian's public-domain Jargon File,
+  ``/usr/share/doc/jargon-text/jargon.txt.gz``) is read the same way.
 * a folder: the paragraphs of every ``.txt`` / ``.md`` file below it, files in sorted path order;
   a folder written by ``datasets``' ``save_to_disk`` is loaded as a dataset instead.
 * a ``.jsonl`` file: the string field `field` (default ``"text"``) of each line's object.
@@ -31,6 +33,7 @@ to be reproduced: package versions, seeds and the corpus (name, checksum, sizes,
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -125,6 +128,11 @@ class Corpus(Sequence[str]):
 
 def _read_text(path: Path) -> str:
     try:
+        if path.suffix.lower() == ".gz":
+            try:
+                return gzip.decompress(path.read_bytes()).decode("utf-8")
+            except (OSError, EOFError) as e:
+                raise ValueError(f"{path} is not a readable gzip file: {e}") from e
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not valid UTF-8 text: {e}") from e
@@ -246,11 +254,13 @@ def _raw_passages(spec: Any, field_name: str, dataset_split: str) -> tuple[str, 
             )
         return str(path), _from_folder(path), False
     suffix = path.suffix.lower()
+    if suffix == ".gz":  # .txt.gz / .md.gz: the suffix inside
+        suffix = f"{Path(path.stem).suffix.lower()}.gz"
     if suffix == ".jsonl":
         return str(path), _from_jsonl(path, field_name), False
-    if suffix in _TEXT_SUFFIXES:
+    if suffix in _TEXT_SUFFIXES or suffix in {f"{s}.gz" for s in _TEXT_SUFFIXES}:
         return str(path), split_paragraphs(_read_text(path)), False
-    raise ValueError(f"unsupported corpus file {path}: expected .txt, .md, .jsonl or a folder")
+    raise ValueError(f"unsupported corpus file {path}: expected .txt, .md (or .txt.gz, .md.gz), .jsonl or a folder")
 
 
 def load(
