@@ -17,9 +17,10 @@ from typing import Any
 
 from torch import Tensor
 
+from xlens_align import distributed
 from xlens_align.rows import RowFilter, merge_counts
 from xlens_align.stats import StatsGrid
-from xlens_align.validate import nonneg_int
+from xlens_align.validate import check_texts, nonneg_int, positive_int
 
 from ._util import SmallSampleWarning, fixed_exponent, point_list, scaled64
 from .cka import cka_grid_from_stats
@@ -131,6 +132,14 @@ def grid_from_batches(
     view = check_view(view)
     kw = dict(measure_kw or {})
     name, spec = resolve_measure(measure, kw)
+    if distributed.active() and (spec is not None or n_perm or n_boot or view == "standardized"):
+        why = "view='standardized' needs every row's column statistics first"
+        why = "controls sample rows" if n_perm or n_boot else f"measure {name!r} keeps rows" if spec else why
+        raise ValueError(
+            f"under torch.distributed ({distributed.world_size()} processes) a grid pools streamed sums only, and "
+            f"{why}: use measure 'cka' or 'cka_feature' (view 'raw' or 'rms', no n_perm / n_boot), or run "
+            "it in one process"
+        )
     rows = RowFilter(massive=massive, clamp=clamp)
     pa, pb = point_list(points_a, "points_a"), point_list(points_b, "points_b")
     cols = column_pass(batches, pa, pb, rows) if view == "standardized" else {}
@@ -174,6 +183,10 @@ def grid_from_batches(
             if stats is None:
                 stats = _stats_grid(pa, pb, a, b)
             stats.update(_fixed_scale(a, "a", exps), _fixed_scale(b, "b", exps))
+    if distributed.active():  # every process read its shard: pool once, the same grid everywhere
+        stats, (pa, pb), filtered, (rows_seen, rows_in, d_max) = distributed.reduce_similarity(
+            acc, stats, exps, (pa, pb), filtered, (rows_seen, rows_in, d_max)
+        )
     if pa is None or pb is None or d_max is None:
         raise ValueError("no batches: the batches (or the texts' collect) yielded nothing")
     need = 4 if name == "cka" else (spec.min_n if spec is not None else 2)
@@ -317,6 +330,9 @@ def layer_grid(
         from xlens_align.activations import collect
 
         _check_collect_kw(collect, collect_kw)
+        if distributed.active():  # this process's shard of the texts; grid_from_batches pools them
+            texts = distributed.shard(check_texts(texts), positive_int(batch_size, "batch_size"))
+            progress = progress and distributed.is_main()
         source = Recollect(
             collect,
             pair,
@@ -331,6 +347,8 @@ def layer_grid(
         )
         if view != "standardized":  # one pass: the generator itself
             source = iter(source)
+        if distributed.active() and not texts:  # an empty shard: no batches, still in the pooling
+            source = iter(())
     elif collect_kw or rows.drop_first:
         extra = sorted(collect_kw) + (["drop_first"] if rows.drop_first else [])
         raise TypeError(f"source= bypasses collect; unexpected collect arguments {extra}")
