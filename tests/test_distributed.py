@@ -25,8 +25,14 @@ TEXTS = [
     f"Passage {i}: the {w} river runs {i % 5 + 2} miles past the old mill, then turns north again."
     for i, w in enumerate(["quiet", "long", "cold", "wide", "slow", "green", "dark", "bright", "small"] * 2)
 ]
-EVAL = [f"Note {i}: a {w} cat sat on {i + 1} mats while it rained." for i, w in enumerate(["red", "tan", "grey"] * 3)]
-HELD = [f"Held {i}: the {w} bird sings at dawn." for i, w in enumerate(["blue", "brown", "black", "white", "pale"])]
+EVAL = [
+    f"Note {i}: a {w} cat sat on {i + 1} mats while it rained."
+    for i, w in enumerate(["red", "tan", "grey"] * 3)
+]
+HELD = [
+    f"Held {i}: the {w} bird sings at dawn."
+    for i, w in enumerate(["blue", "brown", "black", "white", "pale"])
+]
 PA, PB = ["embed", "resid_post.1", "resid_post.3"], ["resid_post.0", "resid_post.2", "resid_post.3"]
 
 
@@ -46,7 +52,14 @@ def _runs(pair) -> dict:
     chunked = xa.similarity.layer_grid(pair, TEXTS, points_a=PA, points_b=PB, batch_size=4, minibatch_size=64, progress=False)  # fmt: skip
     pg = xa.effects.grid(pair, maps["affine"], EVAL, ablation_texts=HELD, batch_size=2, n_boot=50)
     eff = xa.effects.measure(pair, maps["procrustes"]["resid_post.3", "resid_post.2"], source="resid_post.3", target="resid_post.2", texts=EVAL, batch_size=2)  # fmt: skip
-    return dict(stats=stats, maps=maps, cka=cka, feat=feat, chunked=chunked, pg=pg, eff=eff)
+    # batches whose scale grows by 2**6 each: the processes' first batches (which fix each point's
+    # power of two) differ, and the pooled sums must be brought to common exponents first
+    g = torch.Generator().manual_seed(0)
+    z = [torch.randn(40, 8, generator=g) for _ in range(6)]
+    scaled = [({"x": zk * 2.0 ** (6 * k)}, {"y": (zk @ torch.randn(8, 5, generator=g)) * 2.0 ** (-6 * k)}) for k, zk in enumerate(z)]  # fmt: skip
+    mine = distributed.shard(scaled)
+    src = {m: xa.similarity.grid_from_batches(mine, m, minibatch_size=None) for m in ("cka", "cka_feature")}
+    return dict(stats=stats, maps=maps, cka=cka, feat=feat, chunked=chunked, pg=pg, eff=eff, src=src)
 
 
 def _stats_tensors(g) -> dict[str, torch.Tensor]:
@@ -67,6 +80,7 @@ def _numbers(r: dict) -> dict[str, torch.Tensor]:
     for k in ("cka", "feat", "chunked"):
         out[f"{k}/values"] = r[k].values
         out[f"{k}/n_tokens"] = torch.tensor(float(r[k].n_tokens))
+    out |= {f"src/{m}": g.values for m, g in r["src"].items()}
     pg = r["pg"]
     for k in ("recovered", "kl", "top1", "ce_patched"):
         out[f"pg/{k}"] = pg.values(k)
@@ -88,7 +102,11 @@ def _worker(out: str) -> None:
     torch.set_num_threads(1)
     distributed.init_from_env("cpu")
     assert distributed.active() and distributed.world_size() == 2
-    pair = xa.ModelPair(xa.testing.tiny_llama(n_layers=4, seed=0), xa.testing.tiny_mistral(n_layers=4, seed=1))
+    pair = xa.ModelPair(
+        # two Mistral vocabularies: the Llama 3 tokenizer alone takes seconds to load per process
+        xa.testing.tiny_mistral(n_layers=4, seed=0, sliding_window=None),
+        xa.testing.tiny_mistral(n_layers=4, seed=1),
+    )
     many = _numbers(_runs(pair))
     refused = []
     for kw in ({"measure": "cca"}, {"n_perm": 3}, {"view": "standardized"}):
@@ -131,9 +149,9 @@ def test_two_processes_equal_one(launched):
     assert sorted(p.name for p in out.iterdir()) == ["result.json"]  # rank 1 wrote nothing
     assert r["shards"] == [list(range(0, 8)), list(range(8, 18))]  # contiguous runs of 2-text blocks
     d = r["diff"]
-    assert {k.split("/")[0] for k in d} == {"stats", "maps", "cka", "feat", "chunked", "pg", "eff"}
+    assert {k.split("/")[0] for k in d} == {"stats", "maps", "cka", "feat", "chunked", "pg", "eff", "src"}
     assert max(v for k, v in d.items() if k.startswith("stats/")) < 1e-10
-    assert max(v for k, v in d.items() if k.startswith(("maps/", "cka/", "feat/"))) < 1e-6
+    assert max(v for k, v in d.items() if k.startswith(("maps/", "cka/", "feat/", "src/"))) < 1e-6
     assert max(v for k, v in d.items() if k.startswith(("pg/", "eff/"))) < 1e-6
     assert d["cka/n_tokens"] == 0.0 and d["stats/n"] == 0.0 and d["pg/n_patched"] == 0.0
     assert r["ranks_differ"] == 0.0  # every process holds the same numbers
@@ -154,6 +172,21 @@ def test_minibatches_form_within_a_process(launched):
     many, one = (torch.tensor(v) for v in r["cka_chunked"])
     assert r["diff"]["chunked/n_tokens"] == 0.0
     assert 0.0 < float((many - one).abs().max()) < 0.1
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_shards_cover_every_text_once(world, monkeypatch):
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    for n in range(0, 23):
+        for block in (1, 2, 4):
+            parts = []
+            for r in range(world):
+                monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+                parts.append(distributed.shard_range(n, block))
+            assert [i for p in parts for i in p] == list(range(n))  # contiguous, in rank order
+            assert all(p.start % block == 0 for p in parts if len(p))  # whole blocks: whole batches
+            assert max(map(len, parts)) - min(map(len, parts)) <= block
 
 
 def test_shard_without_group_is_everything():
