@@ -14,8 +14,8 @@ norm gains, biases and attention all matter) and each point kind, the bridge's v
 * ``final``: ``hidden_states[-1]`` (after the final norm); logits: HF's logits.
 
 Padding positions are left out (a batch of two texts of different lengths, longer than the
-sliding windows). ``python analyses/parity.py`` prints the matrix of max abs differences for the
-README with the versions of transformers and TransformerLens.
+sliding windows). ``xlens-align demo`` records the same differences for its two models
+(results.json ``checks``, against the HF modules the bridge wraps).
 """
 
 from __future__ import annotations

@@ -229,8 +229,8 @@ def test_remote_cli_demo_takes_a_remote_b(ndif, monkeypatch, tmp_path):
     argv += ["--max-chars", "160", "--points", "2", "--out", str(tmp_path), "--no-progress"]
     with deadline(300):
         assert cli.main(argv) == 0
-    report = json.loads((tmp_path / "report.json").read_text())
-    check = report["forward_check"]["B"]  # the remote B against its own raw HF forward on the server
+    report = json.loads((tmp_path / "results.json").read_text())
+    check = report["checks"]["b"]  # the remote B against its own raw HF forward on the server
     assert check["logits_diff"] <= TOL and check["final_diff"] <= TOL
     assert all(math.isfinite(e["ce_patched"]) for e in report["effects"])
 

@@ -43,7 +43,7 @@ def _checks(run: Run, pair: Any) -> None:
                 f"{side.upper()}: max |bridge - HF| per point kind: "
                 + ", ".join(f"{k} {v:.1e}" for k, v in par.items())
             )
-        checks[side] = {**fc, "parity": par}
+        checks[side] = fc if par is None else {**fc, "parity": par}
     run.results["checks"] = checks
 
 
