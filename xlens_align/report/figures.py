@@ -39,6 +39,7 @@ def heatmap(
     model_a: str = "A",
     model_b: str = "B",
     extra: Mapping[str, Any] | None = None,
+    view: str = "raw",
     lower_is_better: bool = False,
 ):
     """`Grid.figure()` of the given matrix (controls in `extra`: p_values / ci_low / ci_high)."""
@@ -51,6 +52,7 @@ def heatmap(
         model_a=model_a,
         model_b=model_b,
         extra={k: v for k, v in (extra or {}).items() if v is not None},
+        view=view,
     )
     fig = grid.figure(height=max(360, 40 * len(points_a) + 160))
     if lower_is_better and grid.higher_is_better:  # e.g. KL: dark = bad, like the distances

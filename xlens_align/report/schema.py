@@ -12,6 +12,8 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..similarity.views import VIEWS
+
 __all__ = ["SCHEMA", "SECTIONS", "VIEWS", "check", "number"]
 
 SCHEMA = 1
@@ -26,8 +28,6 @@ SECTIONS = (
     "maps",
     "checks",
 )
-#: similarity views: what the rows are before the measure sees them
-VIEWS = ("raw", "rms", "standardized")
 _SPECIAL = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _CIS = ("recovered_ci", "kl_ci", "top1_ci")
 

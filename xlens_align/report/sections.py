@@ -6,7 +6,6 @@ Numbers are shown as results.json holds them; nothing is recomputed here.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +32,7 @@ VIEW_NOTES = {
 VIEW_TITLES = {"raw": "raw stream", "rms": "RMS-normalised", "standardized": "standardised"}
 
 _EFFECT_COLUMNS = (
+    "label",
     "source",
     "target",
     "map_kind",
@@ -48,6 +48,7 @@ _EFFECT_COLUMNS = (
     "top1_agreement",
     "top1_ci",
     "n_tokens",
+    "note",
 )
 
 
@@ -131,6 +132,7 @@ def similarity(res: Mapping[str, Any]) -> tuple[str, str, str] | None:
                 model_a=model_a,
                 model_b=model_b,
                 extra={k: e.get(k) for k in ("p_values", "ci_low", "ci_high")},
+                view=view,
             )
             parts.append(figure_html(fig, f"similarity-{i}"))
             parts.append(_best(e))
@@ -169,7 +171,7 @@ def functional(res: Mapping[str, Any]) -> tuple[str, str, str] | None:
 
 
 def _effect_table(rows: list[Mapping[str, Any]], extra: tuple[str, ...] = ()) -> str:
-    cols = [c for c in (*_EFFECT_COLUMNS, *extra) if any(r.get(c) is not None for r in rows)]
+    cols = [c for c in (*_EFFECT_COLUMNS, *extra) if any(r.get(c) not in (None, "") for r in rows)]
     return table(cols, [[r.get(c, "") for c in cols] for r in rows])
 
 
@@ -186,12 +188,7 @@ def effects(res: Mapping[str, Any]) -> tuple[str, str, str] | None:
         "top-1 with the maps', not only recovered.</p>"
     )
     fig = figure_html(depth_figure(rows, model_b=model_b), "effects-depth")
-    undefined = [r for r in rows if isinstance(r["recovered"], float) and math.isnan(r["recovered"])]
-    notes = "".join(
-        f'<p class="note">{text(r["source"])} → {text(r["target"])}: {text(r.get("note") or "recovered undefined")}</p>'
-        for r in undefined
-    )
-    return "effects", "Effects by depth", note + fig + _effect_table(rows) + notes
+    return "effects", "Effects by depth", note + fig + _effect_table(rows)
 
 
 def adapter(res: Mapping[str, Any]) -> tuple[str, str, str] | None:
