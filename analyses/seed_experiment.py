@@ -63,8 +63,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--adapter-steps",
         type=_at_least(1),
-        default=300,
-        help="adapter training steps per depth (default 300)",
+        default=200,
+        help="adapter training steps per depth, early stopping on the validation passages (default 200)",
     )
     g.add_argument(
         "--mlp-epochs", type=_at_least(1), default=8, help="MLP epochs over the fit rows (default 8)"
@@ -80,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--quick", action="store_true", help="tiny random-init models and a small run (seconds)")
     add_shared(
-        p, corpus=f"pydoc,{JARGON}", depths=DEPTHS, texts=None, eval_texts=160, max_chars=1500,
+        p, corpus=f"pydoc,{JARGON}", depths=DEPTHS, texts=None, eval_texts=128, max_chars=1500,
         drop_first=1, batch_size=8, out="out/seed_experiment",
     )  # fmt: skip
     return p
@@ -140,7 +140,15 @@ def fit_all(
     t0 = time.time()
 
     def mlp(X: Any, Y: Any) -> Any:
-        return xa.maps.MLP(hidden=512, epochs=own["mlp_epochs"], batch_size=1024, seed=o.seed).fit(X, Y)
+        net = xa.maps.MLP(
+            hidden=512,
+            epochs=own["mlp_epochs"],
+            batch_size=1024,
+            seed=o.seed,
+            device=str(X.device),
+            progress=False,
+        )
+        return net.fit(X, Y)
 
     fns = {(pair.a.point(s), pair.b.point(t)): mlp for s, t in cells}
     rows = xa.rows.RowFilter(drop_first=o.drop_first, massive=o.massive)
