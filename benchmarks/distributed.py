@@ -49,11 +49,12 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument(
-        "--texts", type=int, default=480, help="pydoc passages, cycled (480: ~110k aligned tokens)"
+        "--texts", type=int, default=480, help="pydoc passages, cycled (480: ~117k aligned tokens)"
     )
     p.add_argument("--eval-texts", type=int, default=64, help="of them, for effects.measure")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--minibatch", type=int, default=1024, help="CKA minibatch rows (0: each batch is one)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per process (--device cpu)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # the JSON file rank 0 writes
     return p.parse_args(argv)
 
@@ -80,6 +81,8 @@ def _sync() -> None:
 
 def worker(args: argparse.Namespace) -> None:
     dev = distributed.init_from_env(args.device)
+    if dev.type == "cpu":
+        torch.set_num_threads(args.threads)
     pair = _pair(args.models, str(dev))
     texts = _texts(args.texts)
     held, evals = texts[: args.eval_texts // 2], texts[-args.eval_texts :]
@@ -127,10 +130,10 @@ def _launch(args: argparse.Namespace, world: int, out: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
            __file__, "--worker", str(out), "--models", args.models, "--device", args.device,
            "--texts", str(args.texts), "--eval-texts", str(args.eval_texts), "--batch", str(args.batch),
-           "--minibatch", str(args.minibatch)]  # fmt: skip
+           "--minibatch", str(args.minibatch), "--threads", str(args.threads)]  # fmt: skip
     env = {**os.environ}
-    if args.device == "cpu":  # the processes share the machine's cores
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world))
+    if args.device == "cpu":  # the same threads per process whatever the number of processes
+        env["OMP_NUM_THREADS"] = str(args.threads)
     subprocess.run(cmd, check=True, env=env)
     return json.loads(out.read_text())
 
