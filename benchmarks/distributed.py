@@ -54,6 +54,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-texts", type=int, default=64, help="of them, for effects.measure")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--minibatch", type=int, default=1024, help="CKA minibatch rows (0: each batch is one)")
+    p.add_argument(
+        "--backend", default=None, choices=["nccl", "gloo"], help="default: nccl on CUDA, else gloo"
+    )
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process (--device cpu)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # the JSON file rank 0 writes
     return p.parse_args(argv)
@@ -80,7 +83,7 @@ def _sync() -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
-    dev = distributed.init_from_env(args.device)
+    dev = distributed.init_from_env(args.device, args.backend)
     if dev.type == "cpu":
         torch.set_num_threads(args.threads)
     pair = _pair(args.models, str(dev))
@@ -131,6 +134,7 @@ def _launch(args: argparse.Namespace, world: int, out: Path) -> dict:
            __file__, "--worker", str(out), "--models", args.models, "--device", args.device,
            "--texts", str(args.texts), "--eval-texts", str(args.eval_texts), "--batch", str(args.batch),
            "--minibatch", str(args.minibatch), "--threads", str(args.threads)]  # fmt: skip
+    cmd += ["--backend", args.backend] if args.backend else []
     env = {**os.environ}
     if args.device == "cpu":  # the same threads per process whatever the number of processes
         env["OMP_NUM_THREADS"] = str(args.threads)

@@ -307,24 +307,27 @@ def reduce_similarity(
     return stats, (pa, pb), reduce_counts(counts), (int(seen), int(kept), int(widest) or None)
 
 
-def init_from_env(device: str | torch.device | None = None) -> torch.device:
+def init_from_env(device: str | torch.device | None = None, backend: str | None = None) -> torch.device:
     """Initialise the process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR / MASTER_PORT) and return this process's device.
 
-    nccl when `device` is CUDA (each process on ``cuda:LOCAL_RANK``), gloo otherwise. Without
-    torchrun's variables (or with WORLD_SIZE 1) nothing is initialised and `device` comes back.
-    Processes other than rank 0 show no warnings (the pipelines show progress on rank 0 only)."""
+    `backend` None: nccl when `device` is CUDA (each process on ``cuda:LOCAL_RANK``), gloo
+    otherwise; "gloo" with CUDA reduces through the CPU (and lets processes share a GPU: process
+    i takes ``cuda:(LOCAL_RANK mod the GPUs seen)``). Without torchrun's variables (or with
+    WORLD_SIZE 1) nothing is initialised and `device` comes back. Processes other than rank 0
+    show no warnings (the pipelines show progress on rank 0 only)."""
+    if backend not in (None, "nccl", "gloo"):
+        raise ValueError(f"backend must be None, 'nccl' or 'gloo', got {backend!r}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
         return dev
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
-        dev = torch.device("cuda", local)
+        dev = torch.device("cuda", local % torch.cuda.device_count() if backend == "gloo" else local)
         torch.cuda.set_device(dev)
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None
-        )
+        dist.init_process_group(backend, device_id=dev if backend == "nccl" else None)
     if not is_main():
         warnings.simplefilter("ignore")
     return dev
