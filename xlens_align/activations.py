@@ -141,10 +141,10 @@ def _paired(
     b = {p.name: rows.enter(ab.gather_side(acts_b[p], "b", policy), p.name, "b", meta) for p in pts_b}
     keep, c = rows.activations([*a.values(), *b.values()], among=keep)
     merge_counts(counts, c)
-    if not keep.all():
-        meta = meta.select(keep)
-        a = {p: v[keep] for p, v in a.items()}
-        b = {p: v[keep] for p, v in b.items()}
+    if not keep.all():  # keep lives on the activations' device; meta on the batch's (CPU)
+        meta = meta.select(keep.to(meta.row.device))
+        a = {p: v[keep.to(v.device)] for p, v in a.items()}
+        b = {p: v[keep.to(v.device)] for p, v in b.items()}
     meta.text = meta.text + offset  # index into the caller's `texts`, not into this batch
     return PairedBatch(a=a, b=b, meta=meta, batch=ab, filtered=counts)
 
