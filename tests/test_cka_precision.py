@@ -109,3 +109,26 @@ def test_float32_mean_overflow_falls_back_to_float64():
     (hab, haa, hbb), (hab64, haa64, hbb64) = acc.mean_hsic(), ref.mean_hsic()
     assert torch.allclose(hab, hab64, rtol=1e-6) and torch.allclose(haa, haa64, rtol=1e-6)  # 2nd dominates
     assert torch.allclose(hbb, hbb64, rtol=1e-3)  # B: half bfloat16, half float64
+
+
+def test_centring_only_where_the_mean_is_large_and_unscaled_grams_rescaled_exactly():
+    from xlens_align.similarity.fastgram import CENTRE_RATIO, _needs_centring
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 256, 40, generator=g)
+    shift = torch.randn(40, generator=g)
+    spread = 40.0  # mean squared distance of a row to the mean: d * 1
+    x[1] += shift / shift.norm() * (0.5 * CENTRE_RATIO * spread) ** 0.5  # under the threshold
+    x[2] += shift / shift.norm() * (2.0 * CENTRE_RATIO * spread) ** 0.5  # over it
+    assert _needs_centring(x) == [False, False, True]
+    # zero-mean points skip the centring, a point with a mean just under the threshold too: both
+    # stay within 1e-4 of float64 (planted() mixes them with means of 1e3 and -50, which centre)
+    a, b = planted(900, seed=1)
+    off = torch.randn(48, generator=g)
+    a["a0"] = a["a0"] + off / off.norm() * (0.9 * CENTRE_RATIO * 48) ** 0.5
+    ref = grid(a, b, "float64", 300)
+    for precision in ("float32", "tf32", "bf16"):
+        assert float((grid(a, b, precision, 300) - ref).abs().max()) < 1e-4
+    # magnitudes inside 2**+-SAFE_EXP go in unscaled: same CKA as the unit-scale features
+    small = grid({k: v * 3e-5 for k, v in a.items()}, {k: v * 7e4 for k, v in b.items()}, "float32", 300)
+    assert float((small - grid(a, b, "float32", 300)).abs().max()) < 1e-6

@@ -1,28 +1,35 @@
 """Per-minibatch HSIC terms of `MinibatchCKA` with Grams in float32, TF32 or bfloat16.
 
-For one side of the grid, every point's minibatch is centred in float32 (float64 for float64
-input), multiplied by the point's fixed power of two, and rounded once to the product's input
-type; then one batched product per width gives all of the side's Grams ``K = X_c X_c^T`` in
-float32 (bfloat16 and TF32 multiply exactly and accumulate in float32). Centring before the
-rounding keeps the rounding error relative to the centred features, not to a large common mean
-(the residual stream's). The mean subtracted is that of the minibatch's first `MEAN_ROWS` rows:
-HSIC_1 is exactly invariant to shifting a point's features, so the centring only has to remove
-the bulk of the mean (what is left, ~ std / sqrt(MEAN_ROWS) per feature, is far below the spread
-that sets the rounding). A non-finite input value makes its row's Gram diagonal non-finite, which
-`SideGrams.finite` reports without another pass.
+For one side of the grid, each point's minibatch is rounded once to the product's input type
+(bfloat16 for bf16, float32 for TF32 and float32, where cuBLAS rounds to TF32 itself) and its Gram
+``K = X X^T`` formed in float32 (bfloat16 and TF32 multiply exactly and accumulate in float32): one
+batched product per width for bf16, one product per point for TF32 / float32 (no stacked copy).
+The rounding error is relative to |x|; what CKA needs is the centred features, so a point whose
+common mean is large is centred first (in float32, float64 for float64 input): its features
+minus the mean of the minibatch's first `MEAN_ROWS` rows. `_needs_centring` decides per point
+and minibatch from those rows: centre when the squared norm of their mean exceeds `CENTRE_RATIO`
+(1/4) times their mean squared distance to it; otherwise the rounding error, relative to the
+centred features, is at most sqrt(1.25) times what centring would leave, and the centring pass
+(the costliest step after the product) is skipped. HSIC_1 is exactly invariant to shifting a
+point's features, so neither the choice nor the head mean (std / sqrt(MEAN_ROWS) off) changes the
+estimate beyond rounding. Features go in unscaled when the point's power of two is within
+2**+-`SAFE_EXP` (no float32 overflow or underflow is possible in the Grams or their products there;
+the float64 sums are rescaled exactly by `SideGrams.gain`), scaled by it otherwise (1e200, 1e-200).
+A non-finite input value makes its row's Gram diagonal non-finite, which `SideGrams.finite`
+reports without another pass.
 
 With the diagonal of K zeroed (K~), Song et al.'s unbiased HSIC is
 
     HSIC_1(K, L) = (<K~, L~> + s_K s_L / ((n-1)(n-2)) - 2 r_K . r_L / (n-2)) / (n(n-3))
 
 with r the row sums of K~ and s their total. ``<K~_a, L~_b>`` for every (A, B) pair comes
-from one batched product over blocks of Gram rows (about 4096 terms per float32 dot product,
-IEEE float32 even where TF32 is on), summed over blocks in float64; the row sums, the self
-terms and the combination are float64. The per-minibatch HSICs are then averaged in float64 as in the float64
-path. The error comes from rounding the centred features (relative 2**-9 in bfloat16, 2**-11 in
-TF32, 2**-24 in float32): it is like adding independent noise of that relative size to every
-entry, which moves CKA by far less than 1e-4 at the sizes of `benchmarks/similarity.py`
-(which prints the difference to the float64 path).
+from one batched product over blocks of Gram rows (about `CROSS_TERMS` terms per float32 dot
+product, IEEE float32 even where TF32 is on), summed over blocks in float64; the row sums, the
+self terms and the combination are float64. The per-minibatch HSICs are then averaged in float64
+as in the float64 path. The error comes from rounding the features (relative 2**-9 in bfloat16,
+2**-11 in TF32, 2**-24 in float32): it is like adding independent noise of that relative size to
+every entry, which moves CKA by far less than 1e-4 at the sizes of `benchmarks/similarity.py`
+(which prints the difference to the float64 path, with `--mean` for layers with large means).
 """
 
 from __future__ import annotations
@@ -43,6 +50,10 @@ PRECISIONS = ("float64", "float32", "tf32", "bf16")
 # 512/1024; bf16 gave 8.9e-7 and 2.7e-6 at the same speed, within 3%)
 CUDA_DEFAULT = "tf32"
 MEAN_ROWS = 256
+# float32 terms per block of the cross products (H200, 33x33: 2000 as fast as 1000, 4096 7% slower)
+CROSS_TERMS = 2000
+CENTRE_RATIO = 0.25
+SAFE_EXP = 20
 
 
 def check_precision(precision: object) -> str:
@@ -83,26 +94,33 @@ def fp32_matmul(device: torch.device, tf32: bool) -> Iterator[None]:
 class SideGrams(NamedTuple):
     """One side's zero-diagonal Grams (float32 [P, n, n]) and their float64 sums."""
 
-    k: Float[Tensor, "p n n"]
+    k: Float[Tensor, "p n n"]  # gain[p] times the Gram of point p's features (scaled by its power of two)
     finite: Tensor  # bool scalar: every Gram diagonal is finite (so is every input value)
-    rows: Float[Tensor, "p n"]  # row sums of K~
+    rows: Float[Tensor, "p n"]  # row sums of K~ (divided by the gain, like the next two)
     total: Float[Tensor, " p"]  # sum of K~
     frob: Float[Tensor, " p"]  # <K~, K~>
+    gain: Float[Tensor, " p"]  # float64 powers of two
 
 
-def _centred(ts: list[Tensor], scales: list[float], scale_t: Tensor, dtype: torch.dtype) -> Tensor:
-    """[P, n, d] of ``(x - mean) * scale`` rounded once to `dtype` (all ts of one width; `scale_t`:
-    `scales` as a float64 [P] tensor on the device)."""
-    device = scale_t.device
-    xs = [t.to(device) for t in ts]
-    xs = [x if x.dtype in (torch.float32, torch.float64) else x.float() for x in xs]
-    (n, d), m = xs[0].shape, min(xs[0].shape[0], MEAN_ROWS)
-    head = torch.stack([x[:m] for x in xs])  # [P, m, d]: one copy of the first rows
-    neg_means = torch.matmul(head.new_full((m,), -1.0 / m), head) * scale_t[:, None].to(head.dtype)
-    out = torch.empty(len(xs), n, d, dtype=dtype, device=device)
-    for j, (x, s) in enumerate(zip(xs, scales, strict=True)):
-        torch.add(neg_means[j], x, alpha=s, out=out[j])  # one pass: s*x - s*mean, rounded on write
-    return out
+def _needs_centring(head: Tensor) -> list[bool]:
+    """Per point of `head` [P, m, d] (a minibatch's first rows): is the squared norm of their mean
+    over `CENTRE_RATIO` times their mean squared distance to it? (One host sync.)"""
+    m = head.shape[1]
+    mean_sq = torch.linalg.vector_norm(head, dim=(1, 2)).double().square() / m
+    mu_sq = torch.linalg.vector_norm(head.mean(1), dim=-1).double().square()
+    return (mu_sq > CENTRE_RATIO * (mean_sq - mu_sq)).tolist()
+
+
+def _prepared(x: Tensor, mu: Tensor | None, s: float) -> Float[Tensor, "n d"]:
+    """``(x - mu) * s`` (mu None: ``x * s``) in float32, computed in x's dtype and rounded once: one
+    pass, none for a float32 `x` with s = 1 and no mu."""
+    if mu is None and s == 1.0:
+        return x.float()
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    if mu is None:
+        return torch.mul(x, s, out=out)
+    mu = mu.to(x.dtype)
+    return torch.sub(x, mu, out=out) if s == 1.0 else torch.add(mu * -s, x, alpha=s, out=out)
 
 
 def _gram(x: Tensor, precision: str) -> Float[Tensor, "p n n"]:
@@ -119,46 +137,71 @@ def _gram(x: Tensor, precision: str) -> Float[Tensor, "p n n"]:
 def side_grams(
     ts: list[Tensor], scales: list[float], precision: str, scale_t: Tensor | None = None
 ) -> SideGrams:
-    """The Grams of one side's minibatch (one product per distinct width) and their sums.
+    """The Grams of one side's minibatch and their float64 sums.
 
-    scales: each point's power of two; scale_t: the same as a float64 tensor on the device where
-    the Grams are formed (pass it to avoid a host-to-device copy per call; default: on ts' device).
+    scales: each point's power of two. Where it lies in [2**-SAFE_EXP, 2**SAFE_EXP] the features
+    go in unscaled (no float32 overflow or underflow can happen there) and the sums are divided by
+    its square (`gain`, exact); outside, the features are multiplied by it first. Features are
+    centred on the mean of their first `MEAN_ROWS` rows only where `_needs_centring` says so.
+    bf16: features rounded into one buffer, one batched product per width; float32 / tf32: one
+    product per point, straight from the input where it is float32 and needs neither. scale_t:
+    where the Grams are formed (its device; default: ts' device).
     """
-    if scale_t is None:
-        scale_t = torch.tensor(scales, dtype=torch.float64, device=ts[0].device)
-    device = scale_t.device
+    device = scale_t.device if scale_t is not None else ts[0].device
     n = ts[0].shape[0]
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    safe = [2.0**-SAFE_EXP <= s <= 2.0**SAFE_EXP for s in scales]
+    gain = [1.0 / (s * s) if ok else 1.0 for s, ok in zip(scales, safe, strict=True)]
+    in_scale = [1.0 if ok else s for s, ok in zip(scales, safe, strict=True)]
+    k = torch.empty(len(ts), n, n, dtype=torch.float32, device=device)
     widths: dict[int, list[int]] = {}
     for i, t in enumerate(ts):
         widths.setdefault(t.shape[1], []).append(i)
-    k = None
     for idx in widths.values():
-        sel = torch.tensor(idx, device=device) if len(idx) < len(ts) else None
-        x = _centred(
-            [ts[i] for i in idx], [scales[i] for i in idx], scale_t if sel is None else scale_t[sel], dtype
-        )
-        g = _gram(x, precision)
-        if len(idx) == len(ts):
-            k = g
-        else:
-            if k is None:
-                k = torch.empty(len(ts), n, n, dtype=torch.float32, device=device)
-            k[sel] = g
-    assert k is not None
+        xs = [ts[i].to(device) for i in idx]
+        xs = [x if x.dtype in (torch.float32, torch.float64) else x.float() for x in xs]
+        head = torch.stack([x[: min(n, MEAN_ROWS)] for x in xs])  # [P, m, d]: one copy of the first rows
+        mus = head.mean(1)
+        if any(in_scale[i] != 1.0 for i in idx):  # 1e200 or 1e-200: decide on the scaled rows
+            head = (
+                head
+                * torch.tensor([in_scale[i] for i in idx], dtype=head.dtype, device=device)[:, None, None]
+            )
+        centre = _needs_centring(head)
+        if precision == "bf16":
+            buf = torch.empty(len(xs), n, xs[0].shape[1], dtype=torch.bfloat16, device=device)
+            dst, src = [], []  # rounded as they are: one multi-tensor copy
+            for j, i in enumerate(idx):
+                if centre[j] or in_scale[i] != 1.0:
+                    buf[j].copy_(_prepared(xs[j], mus[j] if centre[j] else None, in_scale[i]))
+                else:
+                    dst.append(buf[j])
+                    src.append(xs[j])
+            if dst:
+                torch._foreach_copy_(dst, src)
+            g = _gram(buf, precision)
+            if len(idx) == len(ts):
+                k = g
+            else:
+                k[torch.tensor(idx, device=device)] = g
+            continue
+        with fp32_matmul(device, tf32=precision != "float32"):
+            for j, i in enumerate(idx):
+                x = _prepared(xs[j], mus[j] if centre[j] else None, in_scale[i])
+                torch.mm(x, x.T, out=k[i])
     diag = k.diagonal(dim1=1, dim2=2)
     finite = torch.isfinite(diag).all()  # sums of squares: inf or nan where a row is
     diag.zero_()
-    rows = k.sum(-1).double()  # n float32 terms per row, rows summed in float64
-    frob = torch.linalg.vector_norm(k, dim=-1).double().square().sum(-1)
-    return SideGrams(k, finite, rows, rows.sum(-1), frob)
+    gain_t = torch.tensor(gain, dtype=torch.float64, device=device)
+    rows = k.sum(-1).double() / gain_t[:, None]  # n float32 terms per row, rows summed in float64
+    frob = torch.linalg.vector_norm(k, dim=-1).double().square().sum(-1) / gain_t.square()
+    return SideGrams(k, finite, rows, rows.sum(-1), frob, gain_t)
 
 
 def _cross(a: Tensor, b: Tensor) -> Float[Tensor, "pa pb"]:
     """``<a_i, b_j>`` (Frobenius) of [P, n, n] float32 stacks: float32 products over blocks of
     rows (about 4096 terms each), summed in float64."""
     (pa, n, _), pb = a.shape, b.shape[0]
-    r = max(1, min(n, 4096 // n))
+    r = max(1, min(n, CROSS_TERMS // n))
     g = n // r
     head = torch.bmm(
         a[:, : g * r].reshape(pa, g, r * n).transpose(0, 1),
@@ -173,7 +216,7 @@ def hsic_terms(a: SideGrams, b: SideGrams) -> tuple[Tensor, Tensor, Tensor]:
     """Unbiased HSIC_1 (float64) of every (A, B) pair, of A with itself, of B with itself."""
     n = a.k.shape[-1]
     with fp32_matmul(a.k.device, tf32=False):
-        cross = _cross(a.k, b.k)
+        cross = _cross(a.k, b.k) / (a.gain[:, None] * b.gain[None, :])
     c1, c2, scale = 1.0 / ((n - 1) * (n - 2)), 2.0 / (n - 2), 1.0 / (n * (n - 3))
     hab = (cross + c1 * a.total[:, None] * b.total[None, :] - c2 * (a.rows @ b.rows.T)) * scale
 

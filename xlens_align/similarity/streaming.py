@@ -199,8 +199,9 @@ class MinibatchCKA:
         precision = self.resolved_precision
         if precision != "float64":
             ga, gb = self._fast(xs, "a", precision), self._fast(ys, "b", precision)
+            terms = hsic_terms(ga, gb)  # queued before the one host sync of the check below
             if checked or bool(ga.finite & gb.finite):
-                return *hsic_terms(ga, gb), n
+                return *terms, n
             # names the culprit; all finite: a float32 column mean overflowed, so this minibatch
             # goes the float64 way
             checked = False
