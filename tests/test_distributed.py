@@ -58,8 +58,12 @@ def _runs(pair) -> dict:
     z = [torch.randn(40, 8, generator=g) for _ in range(6)]
     scaled = [({"x": zk * 2.0 ** (6 * k)}, {"y": (zk @ torch.randn(8, 5, generator=g)) * 2.0 ** (-6 * k)}) for k, zk in enumerate(z)]  # fmt: skip
     mine = distributed.shard(scaled)
-    src = {m: xa.similarity.grid_from_batches(mine, m, minibatch_size=None) for m in ("cka", "cka_feature")}
-    return dict(stats=stats, maps=maps, cka=cka, feat=feat, chunked=chunked, pg=pg, eff=eff, src=src)
+    src = {
+        m: xa.similarity.grid_from_batches(mine, m, minibatch_size=None, pool=True)
+        for m in ("cka", "cka_feature")
+    }
+    own = xa.similarity.grid_from_batches(mine, minibatch_size=None)  # pool=False: this process's batches
+    return dict(stats=stats, maps=maps, cka=cka, feat=feat, chunked=chunked, pg=pg, eff=eff, src=src, own=own)
 
 
 def _stats_tensors(g) -> dict[str, torch.Tensor]:
@@ -107,7 +111,8 @@ def _worker(out: str) -> None:
         xa.testing.tiny_mistral(n_layers=4, seed=0, sliding_window=None),
         xa.testing.tiny_mistral(n_layers=4, seed=1),
     )
-    many = _numbers(_runs(pair))
+    runs = _runs(pair)
+    many, own_rows = _numbers(runs), runs["own"].n_tokens
     refused = []
     for kw in ({"measure": "cca"}, {"n_perm": 3}, {"view": "standardized"}):
         with pytest.raises(ValueError, match="under torch.distributed") as e:
@@ -127,6 +132,7 @@ def _worker(out: str) -> None:
         "ranks_differ": max(float((mine[k] - theirs[k]).abs().max()) for k in one),
         "shards": [r0, r1],
         "refused": refused,
+        "own_rows": own_rows,
         "cka_chunked": [many["chunked/values"].tolist(), one["chunked/values"].tolist()],
     }
     with xa.files.atomic_path(Path(out) / "result.json") as tmp:
@@ -155,6 +161,7 @@ def test_two_processes_equal_one(launched):
     assert max(v for k, v in d.items() if k.startswith(("pg/", "eff/"))) < 1e-6
     assert d["cka/n_tokens"] == 0.0 and d["stats/n"] == 0.0 and d["pg/n_patched"] == 0.0
     assert r["ranks_differ"] == 0.0  # every process holds the same numbers
+    assert r["own_rows"] == 3 * 40  # grid_from_batches without pool=True: rank 0's 3 batches alone
 
 
 def test_row_keeping_grids_refused(launched):

@@ -100,6 +100,7 @@ def grid_from_batches(
     level: float = 0.95,
     control_rows: int = 512,
     view: str = "raw",
+    pool: bool = False,
 ) -> Grid:
     """Compute a `Grid` from an iterable of paired batches (objects with `.a` / `.b` dicts
     point -> Tensor [n, d] with equal rows, such as `collect`'s `PairedBatch`es, or ``(a, b)``
@@ -126,13 +127,19 @@ def grid_from_batches(
     land in ``grid.extra["p_values"]`` / ``["ci_low"]`` / ``["ci_high"]`` ([P_A][P_B] lists) with
     ``grid.extra["controls"]`` saying how they were computed. Cost: P_A * P_B * (n_perm + n_boot)
     evaluations of the measure on `control_rows` rows.
+
+    pool: under torch.distributed, `batches` are this process's share of the data: the streamed
+    sums ("cka", "cka_feature") of all processes are pooled once at the end and every process gets
+    the grid of all the batches (`distributed.reduce_similarity`; `layer_grid` sets it when it
+    shards its texts). Measures that keep rows, the controls and "standardized" are then refused.
     """
     nonneg_int(n_perm, "n_perm")
     nonneg_int(n_boot, "n_boot")
     view = check_view(view)
     kw = dict(measure_kw or {})
     name, spec = resolve_measure(measure, kw)
-    if distributed.active() and (spec is not None or n_perm or n_boot or view == "standardized"):
+    pool = bool(pool) and distributed.active()
+    if pool and (spec is not None or n_perm or n_boot or view == "standardized"):
         why = "view='standardized' needs every row's column statistics first"
         why = "controls sample rows" if n_perm or n_boot else f"measure {name!r} keeps rows" if spec else why
         raise ValueError(
@@ -183,7 +190,7 @@ def grid_from_batches(
             if stats is None:
                 stats = _stats_grid(pa, pb, a, b)
             stats.update(_fixed_scale(a, "a", exps), _fixed_scale(b, "b", exps))
-    if distributed.active():  # every process read its shard: pool once, the same grid everywhere
+    if pool:  # every process read its shard: pool once, the same grid everywhere
         stats, (pa, pb), filtered, (rows_seen, rows_in, d_max) = distributed.reduce_similarity(
             acc, stats, exps, (pa, pb), filtered, (rows_seen, rows_in, d_max)
         )
@@ -330,7 +337,8 @@ def layer_grid(
         from xlens_align.activations import collect
 
         _check_collect_kw(collect, collect_kw)
-        if distributed.active():  # this process's shard of the texts; grid_from_batches pools them
+        pool = distributed.active()
+        if pool:  # this process's shard of the texts; grid_from_batches pools them
             texts = distributed.shard(check_texts(texts), positive_int(batch_size, "batch_size"))
             progress = progress and distributed.is_main()
         source = Recollect(
@@ -347,11 +355,13 @@ def layer_grid(
         )
         if view != "standardized":  # one pass: the generator itself
             source = iter(source)
-        if distributed.active() and not texts:  # an empty shard: no batches, still in the pooling
+        if pool and not texts:  # an empty shard: no batches, still in the pooling
             source = iter(())
     elif collect_kw or rows.drop_first:
         extra = sorted(collect_kw) + (["drop_first"] if rows.drop_first else [])
         raise TypeError(f"source= bypasses collect; unexpected collect arguments {extra}")
+    else:
+        pool = False  # the caller's batches, as they are
     grid = grid_from_batches(
         source,
         measure,
@@ -372,6 +382,7 @@ def layer_grid(
         level=level,
         control_rows=control_rows,
         view=view,
+        pool=pool,
     )
     grid.extra["rows"] = rows.describe()  # drop_first included: collect applied it
     return grid
