@@ -78,6 +78,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _torchrun(opts: Any) -> None:
+    """Under torchrun (``torchrun --nproc_per_node=N -m xlens_align.cli ...``): join the process
+    group (gloo on the CPU, nccl with --device cuda, each process on cuda:LOCAL_RANK); the
+    pipelines then share the texts out, progress and output come from rank 0 alone."""
+    from xlens_align import distributed
+
+    dev = distributed.init_from_env(opts.device)
+    if distributed.active():
+        opts.device, opts.progress = str(dev), opts.progress and distributed.is_main()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ns = parser().parse_args(argv)
@@ -85,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(ns)
     run_fn, sub = ns.func, ns.parser
     opts = options_from(ns, sub)
+    _torchrun(opts)
     try:
         return int(run_fn(Run(opts)))
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ from typing import Any
 from xlens_align.report.results import similarity_entry
 
 from .options import _at_least, comma_list, positive_number
+from .results import coverage_entry
 from .session import Run, log
 
 __all__ = ["COVERAGE", "SIMILARITY"]
@@ -55,17 +56,13 @@ def coverage(run: Run) -> int:
     log(
         f"tokens per chunk A / B:                   {cov['tokens_per_chunk_a']:.3f} / {cov['tokens_per_chunk_b']:.3f}"
     )
+    entry = coverage_entry(
+        cov, len(texts), n_chars=n_chars, verified_rows=len(checked), mismatches=len(problems),
+        first_mismatches=problems[:5],
+    )  # fmt: skip
+    log(f"share of A / B tokens that end a chunk:   {entry['coverage_a']:.4f} / {entry['coverage_b']:.4f}")
     log(f"verified every {o.own['verify_every']}th row: {len(problems)} mismatches")
-    run.results["coverage"] = {
-        "n_texts": len(texts),
-        "n_chars": n_chars,
-        **cov,
-        "coverage_a": 1 / cov["tokens_per_chunk_a"],
-        "coverage_b": 1 / cov["tokens_per_chunk_b"],
-        "verified_rows": len(checked),
-        "mismatches": len(problems),
-        "first_mismatches": problems[:5],
-    }
+    run.results["coverage"] = entry
     code = run.finish()
     if problems:
         log(f"{len(problems)} chunks spell different texts, first: {problems[0]}")
@@ -138,7 +135,11 @@ def similarity(run: Run) -> int:
     pair = run.load_pair()
     pts_a, pts_b = run.points(_all_points, spaced_extra=("embed",))
     kw = dict(batch_size=o.batch_size, drop_first=o.drop_first, progress=o.progress)
-    batches = list(xa.collect(pair, texts, pts_a, pts_b, **kw))
+    # torchrun: streamed measures without controls pool each process's share of the texts
+    pool = xa.distributed.active() and set(own["measures"]) <= {"cka", "cka_feature"}
+    pool = pool and not (own["n_perm"] or own["n_boot"])
+    texts = xa.distributed.shard(texts, o.batch_size) if pool else texts
+    batches = list(xa.collect(pair, texts, pts_a, pts_b, **kw)) if texts else []
     entries = []
     controls = dict(
         n_perm=own["n_perm"], n_boot=own["n_boot"], level=own["level"], control_rows=own["control_rows"]
@@ -147,7 +148,7 @@ def similarity(run: Run) -> int:
         for label, massive in (("filtered", o.massive), ("unfiltered", None)):
             grid = xa.similarity.grid_from_batches(
                 batches, measure, pts_a, pts_b, massive=massive, seed=o.seed, progress=o.progress,
-                model_a=pair.a.name, model_b=pair.b.name, **controls,
+                model_a=pair.a.name, model_b=pair.b.name, pool=pool, **controls,
             )  # fmt: skip
             entries.append(
                 similarity_entry(grid, view="raw", filtered=massive is not None, label=f"{measure}, {label}")

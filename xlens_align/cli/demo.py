@@ -7,7 +7,7 @@ from typing import Any
 from xlens_align.report.results import generation_row, similarity_entry
 
 from .checks import PROMPT, forward_check, parity
-from .results import effect_row
+from .results import coverage_entry, effect_row
 from .session import Run, log
 
 __all__ = ["DEFAULTS", "HELP", "run"]
@@ -66,7 +66,7 @@ def run(run: Run) -> int:
         f"{cov['one_to_one_char_coverage']:.3f} of characters in 1:1-token chunks, "
         f"{cov['tokens_per_chunk_a']:.2f} / {cov['tokens_per_chunk_b']:.2f} tokens per chunk (A / B)"
     )
-    run.results["coverage"] = {"n_texts": len(train), **cov}
+    run.results["coverage"] = coverage_entry(cov, len(train))
 
     log(
         f"\n== paired activations (one streamed pass per split; drop_first={o.drop_first}: the first text "

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["effect_row", "finite", "model_info", "write"]
+__all__ = ["coverage_entry", "effect_row", "finite", "model_info", "write"]
 
 _INTERVAL_KEYS = ("recovered_ci", "kl_ci", "top1_ci", "ci_level")
 
@@ -41,6 +41,18 @@ def finite(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def coverage_entry(cov: dict[str, float], n_texts: int, **extra: Any) -> dict[str, Any]:
+    """The ``coverage`` section from `AlignedBatch.coverage()`; coverage_a / coverage_b: the share
+    of A's / B's text tokens that end an aligned chunk (1 / tokens per chunk)."""
+    return {
+        "n_texts": n_texts,
+        **cov,
+        "coverage_a": 1 / cov["tokens_per_chunk_a"],
+        "coverage_b": 1 / cov["tokens_per_chunk_b"],
+        **extra,
+    }
 
 
 def model_info(source: str, model: Any) -> dict[str, Any]:

@@ -21,7 +21,11 @@ __all__ = ["Run", "Texts", "log"]
 
 
 def log(msg: str = "") -> None:
-    print(msg, flush=True)
+    """Print on rank 0 only (under torchrun every process runs the subcommand)."""
+    from xlens_align.distributed import is_main
+
+    if is_main():
+        print(msg, flush=True)
 
 
 @dataclass
@@ -109,7 +113,16 @@ class Run:
             held=cut(c.held_out[:n_eval]),
         )
 
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes files: always, except ranks other than 0 under torchrun."""
+        from xlens_align.distributed import is_main
+
+        return is_main()
+
     def make_out(self) -> Path:
+        if not self.writes:
+            return self.out
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -200,6 +213,8 @@ class Run:
             wall_s=round(time.time() - self.t0, 3),
         )
         self.results["settings"] = self.settings
+        if not self.writes:  # torchrun: rank 0 writes the results
+            return 0
         path = write(self.out, self.results)
         html = report.write(self.out)
         log(f"\nresults: {path}\nreport:  {html}\ndone in {time.time() - self.t0:.1f} s")

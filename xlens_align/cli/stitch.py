@@ -80,7 +80,8 @@ def fit(run: Run) -> int:
         maps = fresh_maps(run, texts.fit, pts_a, pts_b, kind, pairs=pairs)
         for (src, tgt), m in maps.items():
             score = m.score(held.a[src], held.b[tgt])
-            path = m.save(out / "maps" / _file_name(kind, src, tgt))
+            path = out / "maps" / _file_name(kind, src, tgt)
+            path = m.save(path) if run.writes else path
             rows.append({"map_kind": kind, "source": src, "target": tgt, "path": str(path), "score": score})
             log(
                 f"{kind:11s} {src} -> {tgt}: held-out R^2 {score['r2']:.3f}, cosine {score['cosine']:.3f} -> {path}"
