@@ -118,6 +118,8 @@ def _worker(out: str) -> None:
         with pytest.raises(ValueError, match="under torch.distributed") as e:
             xa.similarity.layer_grid(pair, TEXTS, points_a=PA, points_b=PB, progress=False, **kw)
         refused.append(str(e.value))
+    cli = ["similarity", "--tiny", "--texts", "6", "--batch-size", "2", "--no-progress", "--out"]
+    assert xa.cli.main([*cli, str(Path(out) / f"cli{distributed.rank()}")]) == 0  # rank 1: writes nothing
     gathered: list = [None] * 2
     torch.distributed.all_gather_object(gathered, (many, list(distributed.shard_range(len(TEXTS), 2))))
     torch.distributed.destroy_process_group()
@@ -125,6 +127,10 @@ def _worker(out: str) -> None:
         return
     assert not distributed.active()
     one = _numbers(_runs(pair))
+    assert xa.cli.main([*cli, str(Path(out) / "cli_one")]) == 0
+    cli_grids = [
+        json.loads((Path(out) / d / "results.json").read_text())["similarity"] for d in ("cli0", "cli_one")
+    ]
     (mine, r0), (theirs, r1) = gathered
     result = {
         "keys": sorted(one),
@@ -133,6 +139,7 @@ def _worker(out: str) -> None:
         "shards": [r0, r1],
         "refused": refused,
         "own_rows": own_rows,
+        "cli": [[(e["n_rows"], e["values"]) for e in grids] for grids in cli_grids],
         "cka_chunked": [many["chunked/values"].tolist(), one["chunked/values"].tolist()],
     }
     with xa.files.atomic_path(Path(out) / "result.json") as tmp:
@@ -152,7 +159,7 @@ def launched(tmp_path_factory):
 
 def test_two_processes_equal_one(launched):
     out, r = launched
-    assert sorted(p.name for p in out.iterdir()) == ["result.json"]  # rank 1 wrote nothing
+    assert sorted(p.name for p in out.iterdir()) == ["cli0", "cli_one", "result.json"]  # rank 1 wrote nothing
     assert r["shards"] == [list(range(0, 8)), list(range(8, 18))]  # contiguous runs of 2-text blocks
     d = r["diff"]
     assert {k.split("/")[0] for k in d} == {"stats", "maps", "cka", "feat", "chunked", "pg", "eff", "src"}
@@ -162,6 +169,17 @@ def test_two_processes_equal_one(launched):
     assert d["cka/n_tokens"] == 0.0 and d["stats/n"] == 0.0 and d["pg/n_patched"] == 0.0
     assert r["ranks_differ"] == 0.0  # every process holds the same numbers
     assert r["own_rows"] == 3 * 40  # grid_from_batches without pool=True: rank 0's 3 batches alone
+
+
+def test_cli_under_torchrun(launched):
+    """`xlens-align similarity` inside the process group: the texts are shared out, rank 0 writes
+    results.json, rank 1 nothing (its --out is never made); the same rows as one process, CKA
+    within minibatch noise (the minibatches form per process: about 250 rows each here)."""
+    _, r = launched
+    (two, one) = r["cli"]
+    assert [n for n, _ in two] == [n for n, _ in one] and one[0][0] > 400
+    for (_, v2), (_, v1) in zip(two, one, strict=True):
+        assert float((torch.tensor(v2) - torch.tensor(v1)).abs().max()) < 0.2
 
 
 def test_row_keeping_grids_refused(launched):

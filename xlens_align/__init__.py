@@ -25,6 +25,7 @@ _SUBMODULES = {
     "models",
     "remote",
     "stats",
+    "distributed",
     "corpus",
     "activations",
     "maps",
