@@ -275,15 +275,20 @@ def test_grid_equals_per_cell_measure(tiny_pair):
     g = E.grid(tiny_pair, maps, TEXTS, cells_per_forward=3, **kw)
     assert g.sources == sources and g.targets == targets
     assert g.recovered.shape == (2, 3) and math.isnan(g.recovered[1, 2])
-    assert g.extra["forwards_b"] == 2 * math.ceil((1 + 3 + 5) / 3)  # 2 text batches
+    # per text batch (2): one clean pass, ceil(3 / 3) full forwards for embed (its ablation and 2
+    # cells), ceil(5 / 3) suffix passes for resid_pre.2 and final (2 ablations, 3 cells)
+    assert g.extra["forwards_b"] == 2 * (1 + 1 + math.ceil(5 / 3))
     for (s, t), m in maps.items():
         ref = E.measure(tiny_pair, m, source=s, target=t, texts=TEXTS, **kw)
         got = g.effects[(s, t)]
-        for f in ("ce_clean", "ce_patched", "ce_ablated", "recovered", "kl", "top1_agreement", "kl_ablated"):
+        for f in ("ce_clean", "ce_patched", "ce_ablated", "kl", "top1_agreement", "kl_ablated"):
             assert getattr(got, f) == pytest.approx(getattr(ref, f), abs=1e-5), (s, t, f)
         assert (got.n_tokens, got.n_patched) == (ref.n_tokens, ref.n_patched)
+        # recovered divides by CE_ablated - CE_clean (7e-3 here): compare it in CE units
+        gap = ref.ce_ablated - ref.ce_clean
         i, j = sources.index(s), targets.index(t)
-        assert g.recovered[i, j] == pytest.approx(ref.recovered, abs=1e-5)
+        assert float(g.recovered[i, j]) == got.recovered
+        assert (got.recovered - ref.recovered) * gap == pytest.approx(0, abs=1e-5), (s, t)
         assert g.top1[i, j] == pytest.approx(ref.top1_agreement, abs=1e-5)
     tab = g.table()
     assert len(tab.rows) == 5 and "inject" in tab.text and "embed" in tab.text

@@ -18,7 +18,7 @@ adapter through B, the mean ablation) goes through one `BatchPlan` per aligned b
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,11 +30,23 @@ from tqdm.auto import tqdm
 from .patching import forward_patched
 from .points import Point
 from .rows import RowFilter, merge_counts
+from .scoring import Reference, metrics, metrics_hidden, reference, reference_hidden, scored_logits
+from .suffix import Suffix, supported
 from .tokens import AlignedBatch, RowMeta
 
-__all__ = ["BatchPlan", "apply_map", "make_plan", "plans", "read_a", "run_b", "scored_predictions"]
+__all__ = [
+    "BatchPlan",
+    "apply_map",
+    "make_plan",
+    "plans",
+    "read_a",
+    "run_b",
+    "score_variants",
+    "scored_predictions",
+]
 
 _HALF = (torch.float16, torch.bfloat16)
+_SUFFIX = True  # False: every variant through full patched forwards (`run_b`), as a reference
 
 
 def scored_predictions(
@@ -211,3 +223,107 @@ def run_b(
     spec = {t: (torch.cat(vs), (torch.cat(bi), torch.cat(pi))) for t, (bi, pi, vs) in by_target.items()}
     ids, mask = (plan.ids_b, plan.mask_b) if k == 1 else (plan.ids_b.repeat(k, 1), plan.mask_b.repeat(k, 1))
     return forward_patched(model, ids, mask, spec)
+
+
+Value = Tensor | Callable[[], Tensor] | None
+Metrics = tuple[Tensor, Tensor, Tensor]
+
+
+def score_variants(
+    model: Any,
+    plan: BatchPlan,
+    variants: Sequence[tuple[Point | None, Value]],
+    per_forward: int,
+    counts: dict[str, int] | None = None,
+) -> Iterator[tuple[list[int], Metrics]]:
+    """The scores of every variant ``(target, values)`` of the plan's batch at its scored
+    predictions (``(None, None)``: clean; values [n_patched, d_B], or a function computing them,
+    called when its forward runs): yields ``(indices j, (nll, kl, top1) each [k, m])`` of
+    `scoring.metrics` against the clean run, at most `per_forward` variants at a time, the clean
+    ones first. ``counts["forwards"]`` counts B's passes.
+
+    Targets that `suffix.supported` handles share one clean pass of B per batch (the stream at
+    every such target and after the final norm): each variant then runs only B's layers above
+    its target, and the unembedding only at the scored predictions, scored block by block
+    (`scoring.metrics_hidden`). Any other target (``embed``, ``resid_mid``, a remote model) gets
+    full patched forwards (`run_b`), as do all variants when ``plan._SUFFIX`` is False (the
+    reference path: the same numbers within float rounding)."""
+    counts = {} if counts is None else counts
+    counts.setdefault("forwards", 0)
+    fast = {j for j, (t, _) in enumerate(variants) if t is not None and _SUFFIX and supported(model, t)}
+    if not fast:
+        yield from _full_variants(model, plan, variants, range(len(variants)), per_forward, counts, None)
+        return
+    sfx = Suffix(model, plan.ids_b, plan.mask_b)
+    order = sorted(fast, key=lambda j: (sfx.first_layer(variants[j][0]), variants[j][0].kind == "final"))
+    final = model.point("final")
+    _, acts = model.run_with_points(
+        plan.ids_b, plan.mask_b, list(dict.fromkeys([variants[j][0] for j in order] + [final]))
+    )
+    counts["forwards"] += 1
+    ref = reference_hidden(acts[final][plan.score_at], sfx.unembed, sfx.linear_weight)
+    clean = [j for j, (t, _) in enumerate(variants) if t is None]
+    if clean:
+        scores = metrics(ref.logits, plan.labels, ref)
+        yield clean, tuple(x.expand(len(clean), -1) for x in scores)
+    rest = [j for j, (t, _) in enumerate(variants) if t is not None and j not in fast]
+    yield from _full_variants(model, plan, variants, rest, per_forward, counts, ref)
+    B, n, m = plan.batch_rows, plan.n_patched, plan.n_scored
+    for k0 in range(0, len(order), per_forward):
+        chunk = order[k0 : k0 + per_forward]
+        k = len(chunk)
+        streams = []
+        for t, js in _runs([(variants[j][0], j) for j in chunk]):
+            h = acts[t].repeat(len(js), 1, 1)
+            shift = torch.arange(len(js), device=h.device) * B
+            vals = torch.cat([_values(variants[j][1]) for j in js])
+            h[
+                plan.write_b[0].repeat(len(js)) + shift.repeat_interleave(n), plan.write_b[1].repeat(len(js))
+            ] = vals
+            streams.append((t, h))
+        shift = torch.arange(k, device=plan.score_at[0].device) * B
+        at = (plan.score_at[0].repeat(k) + shift.repeat_interleave(m), plan.score_at[1].repeat(k))
+        rows = sfx.final_rows(streams, at)
+        del streams
+        counts["forwards"] += 1
+        yield chunk, tuple(x.view(k, m) for x in metrics_hidden(rows, sfx.unembed, plan.labels, ref))
+
+
+def _runs(items: Sequence[tuple[Point, int]]) -> list[tuple[Point, list[int]]]:
+    """Consecutive items with the same point, grouped: [(point, [j, ...]), ...]."""
+    out: list[tuple[Point, list[int]]] = []
+    for t, j in items:
+        if out and out[-1][0] == t:
+            out[-1][1].append(j)
+        else:
+            out.append((t, [j]))
+    return out
+
+
+def _values(v: Value) -> Tensor:
+    return v() if callable(v) else v
+
+
+def _full_variants(
+    model: Any,
+    plan: BatchPlan,
+    variants: Sequence[tuple[Point | None, Value]],
+    js: Sequence[int],
+    per_forward: int,
+    counts: dict[str, int],
+    ref: Reference | None,
+) -> Iterator[tuple[list[int], Metrics]]:
+    """`score_variants` through full patched forwards (`run_b`), `per_forward` at a time; the
+    reference is the first variant's run when `ref` is None (variants[0] is then the clean run)."""
+    js = list(js)
+    for k0 in range(0, len(js), per_forward):
+        chunk = js[k0 : k0 + per_forward]
+        logits = run_b(model, plan, [(variants[j][0], _values(variants[j][1])) for j in chunk])
+        counts["forwards"] += 1
+        k, (rows, pos) = len(chunk), plan.score_at
+        shift = torch.arange(k, device=rows.device).repeat_interleave(plan.n_scored) * plan.batch_rows
+        sel = scored_logits(logits, (rows.repeat(k) + shift, pos.repeat(k)), 0).view(k, plan.n_scored, -1)
+        del logits
+        if ref is None:
+            ref = reference(sel[0])
+        yield chunk, metrics(sel, plan.labels, ref)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -37,10 +38,13 @@ __all__ = [
     "Sums",
     "agreement",
     "kl_to_clean",
+    "metrics",
+    "metrics_hidden",
     "nll",
     "objective_sum",
     "recovered",
     "reference",
+    "reference_hidden",
     "score",
     "scored_logits",
 ]
@@ -48,6 +52,7 @@ __all__ = [
 OBJECTIVES = ("ce", "kl")
 """What an adapter trained through B minimises: B's next-token cross-entropy, or KL(clean B || patched B)."""
 _RECOVERED_RTOL = 1e-6
+_CPU_BLOCK, _GPU_BLOCK = 1 << 21, 1 << 28  # logits per block of `metrics_hidden`
 
 
 def scored_logits(
@@ -57,8 +62,7 @@ def scored_logits(
     K = replicates x batch_rows rows) at the scored predictions ``score_at = (rows, positions)``;
     float32 (float64 kept)."""
     rows, pos = score_at
-    sel = logits[replicate * batch_rows + rows, pos]
-    return sel if sel.dtype == torch.float64 else sel.float()
+    return _logits32(logits[replicate * batch_rows + rows, pos])
 
 
 class Reference(NamedTuple):
@@ -69,6 +73,8 @@ class Reference(NamedTuple):
     p: Tensor  # [m, V] next-token probabilities
     psum: Tensor  # [m] sum of p (1 up to rounding)
     top: Tensor  # [m] argmax
+    hidden: Tensor | None = None  # [m, d] the rows after the final norm (`reference_hidden`)
+    q: Tensor | None = None  # [m, d] sum_v p_v W_v, with W the (linear) unembedding
 
 
 def reference(clean: Float[Tensor, "m V"]) -> Reference:
@@ -79,20 +85,111 @@ def reference(clean: Float[Tensor, "m V"]) -> Reference:
     return Reference(clean, lse, p, p.sum(-1), clean.argmax(-1))
 
 
-def nll(sel: Float[Tensor, "m V"], labels: Int[Tensor, " m"]) -> Float[Tensor, " m"]:
-    """Cross-entropy of each label under the logits (differentiable)."""
-    return torch.logsumexp(sel, dim=-1) - sel.gather(1, labels[:, None]).squeeze(1)
+def reference_hidden(
+    hidden: Float[Tensor, "m d"], unembed: Callable[[Tensor], Tensor], weight: Tensor | None = None
+) -> Reference:
+    """The `Reference` of the clean run from its rows after the final norm: `unembed` gives the
+    logits; `weight` [V, d], when the logits are exactly ``weight @ h``, lets `metrics_hidden`
+    take the KL's dot product in d dimensions."""
+    ref = reference(_logits32(unembed(hidden)))
+    if weight is None:
+        return ref
+    return ref._replace(hidden=hidden.detach(), q=ref.p.to(weight.dtype) @ weight.detach())
 
 
-def kl_to_clean(sel: Float[Tensor, "m V"], ref: Reference) -> Float[Tensor, " m"]:
-    """KL(clean || variant) of each prediction (differentiable in `sel`)."""
-    lse = torch.logsumexp(sel, dim=-1)
-    return (lse - ref.lse) * ref.psum - ((sel - ref.logits) * ref.p).sum(-1)
+def _logits32(z: Tensor) -> Tensor:
+    return z if z.dtype == torch.float64 else z.float()
 
 
-def agreement(sel: Float[Tensor, "m V"], ref: Reference) -> Bool[Tensor, " m"]:
+def nll(
+    sel: Float[Tensor, "*k m V"], labels: Int[Tensor, " m"], lse: Tensor | None = None
+) -> Float[Tensor, "*k m"]:
+    """Cross-entropy of each label under the logits (differentiable); `lse`: the logits'
+    log-sum-exp when already computed. Leading dimensions (replicates) broadcast."""
+    if lse is None:
+        lse = torch.logsumexp(sel, dim=-1)
+    return lse - sel.gather(-1, labels.expand(sel.shape[:-1])[..., None]).squeeze(-1)
+
+
+def kl_to_clean(
+    sel: Float[Tensor, "*k m V"], ref: Reference, lse: Tensor | None = None
+) -> Float[Tensor, "*k m"]:
+    """KL(clean || variant) of each prediction (differentiable in `sel`); `lse` as in `nll`."""
+    if lse is None:
+        lse = torch.logsumexp(sel, dim=-1)
+    return _kl(lse, torch.linalg.vecdot(sel - ref.logits, ref.p), ref.lse, ref.psum)
+
+
+def _kl(lse: Tensor, dot: Tensor, lse0: Tensor, psum0: Tensor) -> Tensor:
+    """KL(clean || variant) from the variant's log-sum-exp and ``dot = sum_v p0_v (z_v - z0_v)``."""
+    return (lse - lse0) * psum0 - dot
+
+
+def agreement(sel: Float[Tensor, "*k m V"], ref: Reference) -> Bool[Tensor, "*k m"]:
     """Whether each prediction's argmax equals the clean run's."""
     return sel.argmax(-1) == ref.top
+
+
+def metrics(
+    sel: Float[Tensor, "*k m V"], labels: Int[Tensor, " m"], ref: Reference
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(`nll`, `kl_to_clean`, `agreement`) of each prediction, the log-sum-exp taken once;
+    `sel` may stack k replicates' scored logits [k, m, V] (results [k, m])."""
+    lse = torch.logsumexp(sel, dim=-1)
+    return nll(sel, labels, lse), kl_to_clean(sel, ref, lse), agreement(sel, ref)
+
+
+def metrics_hidden(
+    hidden: Float[Tensor, "R d"],
+    unembed: Callable[[Tensor], Tensor],
+    labels: Int[Tensor, " m"],
+    ref: Reference,
+    block: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`metrics` of R rows after the final norm (k replicates, replicate-major: row r is
+    prediction ``r % m``), each [R]. The logits are made `block` rows at a time (default: about
+    8 MiB of float32 logits on the CPU, so they are scored while in cache; 1 GiB on a GPU) and
+    never all at once. With a `reference_hidden` that holds the unembedding's weight, the KL's
+    ``sum_v p0_v (z_v - z0_v)`` is ``q0 . (h - h0)``, ``q0 = sum_v p0_v W_v`` (the same number: the
+    logits are linear in h). Forward only."""
+    R, m = hidden.shape[0], labels.shape[0]
+    V = ref.p.shape[-1]
+    if block is None:
+        block = max(1, (_GPU_BLOCK if hidden.is_cuda else _CPU_BLOCK) // V)
+    idx = torch.arange(R, device=hidden.device) % m
+    dtype = ref.lse.dtype
+    out_nll = torch.empty(R, dtype=dtype, device=hidden.device)
+    out_kl, out_top = torch.empty_like(out_nll), torch.empty(R, dtype=torch.bool, device=hidden.device)
+    for r0 in range(0, R, block):
+        rows, i = slice(r0, r0 + block), idx[r0 : r0 + block]
+        z = _logits32(unembed(hidden[rows]))
+        label_logit = z.gather(1, labels[i][:, None]).squeeze(1)
+        if ref.q is None:
+            dot = torch.linalg.vecdot(z - ref.logits[i], ref.p[i])
+        else:
+            dot = torch.linalg.vecdot(hidden[rows] - ref.hidden[i], ref.q[i]).to(dtype)
+        top = z.amax(-1)
+        out_top[rows] = _is_argmax(z, ref.top[i], top)
+        lse = top + z.sub_(top[:, None]).exp_().sum(-1).log_()  # z is spent: exp in place
+        out_nll[rows] = lse - label_logit
+        out_kl[rows] = _kl(lse, dot, ref.lse[i], ref.psum[i])
+    return out_nll, out_kl, out_top
+
+
+def _is_argmax(
+    z: Float[Tensor, "r V"], index: Int[Tensor, " r"], top: Float[Tensor, " r"]
+) -> Bool[Tensor, " r"]:
+    """``z.argmax(-1) == index`` given ``top = z.amax(-1)``, from two max passes (a max with
+    indices is several times slower on the CPU): `index` holds the maximum, and no other entry
+    does (on a tie, the first maximum is argmax's answer)."""
+    at = z.gather(1, index[:, None])
+    hit = at.squeeze(1) == top
+    z.scatter_(1, index[:, None], -math.inf)
+    tie = hit & (z.amax(-1) == top)
+    z.scatter_(1, index[:, None], at)
+    if bool(tie.any()):
+        hit[tie] = z[tie].argmax(-1) == index[tie]
+    return hit
 
 
 def objective_sum(
@@ -130,7 +227,7 @@ class Sums:
 
 def score(sel: Float[Tensor, "m V"], labels: Int[Tensor, " m"], ref: Reference, into: Sums) -> None:
     """Add one run's metrics at the scored predictions (`sel` from `scored_logits`) to `into`."""
-    into.add(nll(sel, labels), kl_to_clean(sel, ref), agreement(sel, ref))
+    into.add(*metrics(sel, labels, ref))
 
 
 def recovered(

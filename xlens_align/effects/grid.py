@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,13 +22,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..fitting import fit_maps
-from ..plan import apply_map, plans, read_a, run_b
+from ..plan import apply_map, plans, read_a, score_variants
 from ..points import Point
 from ..rows import RowFilter, merge_counts
-from ..scoring import Reference, reference, scored_logits
 from ..validate import check_texts, positive_int
 from .ablation import ablation_vectors
-from .intervals import TextSums, add_intervals, check_interval_args, score_texts
+from .intervals import TextSums, add_intervals, check_interval_args
 from .mapped import check_map, is_map, map_kind, resolve
 from .tables import Effect, EffectTable, make_effect, table
 
@@ -220,6 +220,7 @@ def run_grid(
     ablated = {t: TextSums(len(texts)) for t in used_tgts}
     patched = {c: TextSums(len(texts)) for c in cells}
     n_patched, n_forwards, filtered, text0 = 0, 0, {}, 0
+    counts = {"forwards": 0}  # B's passes
     t0 = time.perf_counter()
     with torch.no_grad():
         for plan in plans(
@@ -237,21 +238,15 @@ def run_grid(
             variants: list[tuple[TextSums, Point | None, Any]] = [(clean, None, None)]
             variants += [(ablated[t], t, abl[t].expand(plan.n_patched, -1)) for t in used_tgts]
             variants += [(patched[c], c[1], c) for c in cells]
-            ref: Reference | None = None
-            for k0 in range(0, len(variants), cells_per_forward):
-                chunk = [
-                    (sums, t, apply_map(entries[v], X[v[0]], pair, *v) if isinstance(v, tuple) else v)
-                    for sums, t, v in variants[k0 : k0 + cells_per_forward]
-                ]
-                logits = run_b(pair.b, plan, [(t, v) for _, t, v in chunk])
-                n_forwards += 1
-                for j, (sums, _, _) in enumerate(chunk):
-                    sel = scored_logits(logits, plan.score_at, plan.batch_rows, j)
-                    if ref is None:  # the first replicate of the first chunk is the clean run
-                        ref = reference(sel)
-                    score_texts(sel, plan.labels, ref, sums, at_text)
-                del logits
+            todo = [
+                (t, partial(apply_map, entries[v], X[v[0]], pair, *v) if isinstance(v, tuple) else v)
+                for _, t, v in variants
+            ]
+            for js, (nll, kl, top1) in score_variants(pair.b, plan, todo, cells_per_forward, counts):
+                for i, j in enumerate(js):
+                    variants[j][0].add_texts(at_text, nll[i], kl[i], top1[i])
             n_patched += plan.n_patched
+    n_forwards = counts["forwards"]
     seconds = time.perf_counter() - t0
     effects = {}
     for s, t in cells:  # a loop, not a comprehension: recovered's warnings point at the caller
