@@ -60,7 +60,7 @@ def runs(tmp_path_factory, tiny_pair):
         "demo": ["demo", *FAST, "--texts", "8", "--eval-texts", "4", "--points", "3"],
         "coverage": ["coverage", *FAST, "--texts", "12", "--verify-every", "3"],
         "similarity": ["similarity", *FAST, "--texts", "6", "--points", "2", "--measures", "cka,svcca",
-                       "--n-perm", "4", "--n-boot", "4", "--control-rows", "64"],
+                       "--views", "raw,standardized", "--n-perm", "4", "--n-boot", "4", "--control-rows", "64"],
         "fit": ["fit", *FAST, "--texts", "6", "--eval-texts", "3", "--maps", "affine,procrustes",
                 "--depths", "0.5,1.0"],
         "effects": ["effects", *FAST, "--texts", "6", "--eval-texts", "3", "--points", "2",
@@ -104,7 +104,7 @@ SECTIONS = {
     "adapter": {"adapter"},
     "generate": {"generations"},
 }
-FIGURES = {"demo": 2, "similarity": 4, "effects": 1}
+FIGURES = {"demo": 2, "similarity": 8, "effects": 1}
 
 
 @pytest.mark.parametrize("name", list(SECTIONS))
@@ -171,9 +171,9 @@ def test_coverage_matches_the_library(runs):
 def test_similarity_controls_and_measures(runs):
     _, res, _ = runs["similarity"]
     entries = res["similarity"]
-    assert [(e["measure"], e["filtered"]) for e in entries] == [
-        ("cka", True), ("cka", False), ("svcca", True), ("svcca", False)
-    ]  # fmt: skip
+    assert [(e["measure"], e["view"], e["filtered"]) for e in entries] == [
+        (m, v, f) for m in ("cka", "svcca") for v in ("raw", "standardized") for f in (True, False)
+    ]
     for e in entries:
         assert e["points_a"] == ["embed", "resid_post.0", "resid_post.3"]
         assert all(0 <= p <= 1 for row in e["p_values"] for p in row)
@@ -291,6 +291,7 @@ def test_module_entry_point_runs():
         ),
         (["fit", "--points-a", "resid_post.1"], "--points-a and --points-b go together"),
         (["similarity", "--measures", "cka,nope"], "argument --measures: unknown measures ['nope']"),
+        (["similarity", "--views", "raw,log"], "argument --views: unknown views ['log']"),
         (["demo", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
         (["demo", "--device", "gpu"], "argument --device: 'gpu' is not a torch device"),
         (["adapter", "--objectives", "mse"], "argument --objectives: unknown objectives ['mse']"),

@@ -89,6 +89,7 @@ tokens per chunk, and how many sampled chunks spell different texts (must be 0).
 
 # -- similarity --------------------------------------------------------------------------------
 def _similarity_args(p: argparse.ArgumentParser) -> None:
+    from xlens_align.report.schema import VIEWS
     from xlens_align.similarity import MEASURES
 
     p.add_argument(
@@ -96,6 +97,13 @@ def _similarity_args(p: argparse.ArgumentParser) -> None:
         type=comma_list("measures", tuple(MEASURES)),
         default=["cka"],
         help=f"similarity measures, comma-separated: {', '.join(MEASURES)} (default cka)",
+    )
+    p.add_argument(
+        "--views",
+        type=comma_list("views", VIEWS),
+        default=["raw"],
+        help="what is compared: raw (the stream), rms (rows over their RMS), standardized (z-scored "
+        "dimensions); comma-separated (default raw)",
     )
     p.add_argument(
         "--n-perm",
@@ -137,28 +145,29 @@ def similarity(run: Run) -> int:
     kw = dict(batch_size=o.batch_size, drop_first=o.drop_first, progress=o.progress)
     # torchrun: streamed measures without controls pool each process's share of the texts
     pool = xa.distributed.active() and set(own["measures"]) <= {"cka", "cka_feature"}
-    pool = pool and not (own["n_perm"] or own["n_boot"])
+    pool = pool and not (own["n_perm"] or own["n_boot"] or "standardized" in own["views"])
     texts = xa.distributed.shard(texts, o.batch_size) if pool else texts
     batches = list(xa.collect(pair, texts, pts_a, pts_b, **kw)) if texts else []
     entries = []
     controls = dict(
         n_perm=own["n_perm"], n_boot=own["n_boot"], level=own["level"], control_rows=own["control_rows"]
     )
-    for measure in own["measures"]:
-        for label, massive in (("filtered", o.massive), ("unfiltered", None)):
-            grid = xa.similarity.grid_from_batches(
-                batches, measure, pts_a, pts_b, massive=massive, seed=o.seed, progress=o.progress,
-                model_a=pair.a.name, model_b=pair.b.name, pool=pool, **controls,
-            )  # fmt: skip
-            entries.append(
-                similarity_entry(grid, view="raw", filtered=massive is not None, label=f"{measure}, {label}")
-            )
-            log(
-                f"\n{measure} ({label}, {grid.n_tokens} rows, drop_first={o.drop_first}, massive={massive}, "
-                f"dropped {grid.extra['filtered']})"
-            )
-            for a, (b, v) in grid.best_match().items():
-                log(f"  {a:>14} -> {b:<14} {v:.3f}")
+    cells = [(m, v, f) for m in own["measures"] for v in own["views"] for f in (True, False)]
+    for measure, view, filtered in cells:
+        massive, label = (o.massive, "filtered") if filtered else (None, "unfiltered")
+        grid = xa.similarity.grid_from_batches(
+            batches, measure, pts_a, pts_b, massive=massive, seed=o.seed, progress=o.progress, view=view,
+            model_a=pair.a.name, model_b=pair.b.name, pool=pool, **controls,
+        )  # fmt: skip
+        entries.append(
+            similarity_entry(grid, view=view, filtered=filtered, label=f"{measure}, {view}, {label}")
+        )
+        log(
+            f"\n{measure} ({view}, {label}, {grid.n_tokens} rows, drop_first={o.drop_first}, massive={massive}, "
+            f"dropped {grid.extra['filtered']})"
+        )
+        for a, (b, v) in grid.best_match().items():
+            log(f"  {a:>14} -> {b:<14} {v:.3f}")
     run.results["similarity"] = entries
     return run.finish()
 
