@@ -40,12 +40,16 @@ def lens_logits(model: Any, x: Float[Tensor, "... d"], point: str) -> Float[Tens
         return unembed(model, model.bridge.ln_final(x.to(device=model.device, dtype=model.dtype)))
 
 
-def own_lens(model: Any, ids: Tensor, mask: Tensor, point: str) -> Float[Tensor, "batch pos vocab"]:
-    """`lens_logits` of `model`'s own stream at `point` on one batch of tokens."""
+def _read(model: Any, ids: Tensor, mask: Tensor, point: str) -> Float[Tensor, "batch pos d"]:
     pt = model.point(point)
     with torch.no_grad():
         _, acts = model.run_with_points(ids, mask, [pt])
-    return lens_logits(model, acts[pt], pt.name)
+    return acts[pt]
+
+
+def own_lens(model: Any, ids: Tensor, mask: Tensor, point: str) -> Float[Tensor, "batch pos vocab"]:
+    """`lens_logits` of `model`'s own stream at `point` on one batch of tokens."""
+    return lens_logits(model, _read(model, ids, mask, point), point)
 
 
 def _check_map(map: Any, a: Any, b: Any) -> None:
@@ -64,10 +68,12 @@ def cross_logits(
     """B's logits (B's vocabulary) read from A's stream at `point` on one batch of A's tokens,
     through ``map`` (A[point] -> B['final']) and B's unembedding."""
     _check_map(map, a, b)
-    pt = a.point(point)
+    return _through(b, map, _read(a, ids, mask, point))
+
+
+def _through(b: Any, map: Any, x: Tensor) -> Tensor:
+    """B's logits of A's rows `x` [batch, pos, d_A] sent through `map` into B's ``final``."""
     with torch.no_grad():
-        _, acts = a.run_with_points(ids, mask, [pt])
-        x = acts[pt]
         y = map.transform(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:2], -1)
     if y.shape[-1] != b.d_model:
         raise ValueError(f"map output has {y.shape[-1]} columns; B ({b.name}) has d_model={b.d_model}")
@@ -121,9 +127,11 @@ def cross_lens(
     """A's own logit lens and the cross-model lens (`cross_logits`) at A's `point`, top `k`
     tokens per position of every text, side by side."""
     k = positive_int(k, "k")
+    _check_map(map, a, b)
     tokens, own, cross = [], [], []
     for ids, mask in batches(a, texts, batch_size, progress, "lens"):
-        lo, lx = own_lens(a, ids, mask, point), cross_logits(a, b, map, ids, mask, point)
+        x = _read(a, ids, mask, point)
+        lo, lx = lens_logits(a, x, point), _through(b, map, x)
         for r in range(ids.shape[0]):
             n = int(mask[r].sum())
             tokens.append([a.tokenizer.decode([int(t)]) for t in ids[r, :n]])

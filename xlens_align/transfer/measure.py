@@ -147,11 +147,11 @@ class SteeringTable:
             f"{float(self.clean_log_odds.mean()):+.3f}); CE over {len(self.clean_ce)} neutral texts "
             f"(clean {float(self.clean_ce.mean()):.3f})"
         )
-        lines = [head, f"{'vector':<14}{'norm':>9}  {'d log-odds [95% CI]':<28}{'d CE [95% CI]':<28}"]
+        lines = [head, f"{'vector':<18}{'norm':>9}  {'d log-odds [95% CI]':<28}{'d CE [95% CI]':<28}"]
         if self.reference:
             lines[-1] += f"fraction of {self.reference!r} [95% CI]"
         for r in self.rows():
-            line = f"{r['vector']:<14}{r['norm']:>9.3f}  {ci(r['d_log_odds'], r['d_log_odds_ci']):<28}"
+            line = f"{r['vector']:<18}{r['norm']:>9.3f}  {ci(r['d_log_odds'], r['d_log_odds_ci']):<28}"
             line += f"{ci(r['d_ce'], r['d_ce_ci']):<28}"
             if "fraction" in r:
                 line += ci(r["fraction"], r["fraction_ci"])
