@@ -130,7 +130,7 @@ def main() -> None:
     p.add_argument("--b", default="gemma3-270m")
     p.add_argument("--source", default="resid_post.19")
     p.add_argument("--target", default="resid_post.6")
-    p.add_argument("--fit-texts", type=int, default=48)
+    p.add_argument("--fit-texts", type=int, default=32)
     p.add_argument("--held-texts", type=int, default=8)
     p.add_argument("--max-chars", type=int, default=400)
     p.add_argument("--alpha", type=float, default=4.0, help="steering strength (x vector)")
