@@ -82,7 +82,7 @@ def adapter(run: Run) -> int:
         for name, (objective, m) in maps.items():
             e = xa.effects.measure(
                 pair, m, source=src, target=tgt, texts=texts.held, ablation="mean", ablation_texts=texts.ablation,
-                batch_size=o.batch_size, drop_first=o.drop_first, massive=o.massive,
+                batch_size=o.batch_size, drop_first=o.drop_first, massive=o.massive, progress=o.progress,
             )  # fmt: skip
             rows.append(effect_row(pair, e, objective=objective, label=name, **history.get(name, {})))
             log(

@@ -143,7 +143,7 @@ def run(run: Run) -> int:
     for name, m, target in [*((n, m, tgt) for n, m in fitted.items()), ("embedding injection", inj, "embed")]:
         e = xa.effects.measure(
             pair, m, source=src, target=target, texts=held, ablation="mean", ablation_texts=ab_texts,
-            batch_size=o.batch_size, drop_first=o.drop_first,
+            batch_size=o.batch_size, drop_first=o.drop_first, progress=o.progress,
         )  # fmt: skip
         rows.append(effect_row(pair, e, label=name))
         log(
