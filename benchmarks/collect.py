@@ -33,6 +33,46 @@ import torch
 import xlens_align as xa
 
 
+def breakdown(pair, refs, texts, pts_a, pts_b, batch: int, sync) -> dict[str, float]:
+    """Seconds per stage of one pass: collect's (align, bridge forwards, gather and row checks)
+    and the baseline's (tokenize, HF forwards), batch by batch in the same loop."""
+    from xlens_align.activations import resolve_points, run_points
+    from xlens_align.rows import RowFilter
+
+    rows, out = (
+        RowFilter(),
+        dict.fromkeys(["align", "bridge forwards", "gather", "tokenize", "HF forwards"], 0.0),
+    )
+    pa, pb = resolve_points(pair.a, pts_a, "points_a"), resolve_points(pair.b, pts_b, "points_b")
+    lim = (pair.a.n_ctx, pair.b.n_ctx)
+
+    def lap(key: str, t: float) -> float:
+        sync()
+        now = time.perf_counter()
+        out[key] += now - t
+        return now
+
+    with torch.no_grad():
+        for s in range(0, len(texts), batch):
+            chunk = texts[s : s + batch]
+            t = time.perf_counter()
+            ab = pair.align(chunk, max_length=lim)
+            meta = ab.meta("last")
+            t = lap("align", t)
+            acts = run_points(pair.a, ab, "a", pa), run_points(pair.b, ab, "b", pb)
+            t = lap("bridge forwards", t)
+            for side, act, pts in (("a", acts[0], pa), ("b", acts[1], pb)):
+                for p in pts:
+                    rows.enter(ab.gather_side(act[p], side, "last"), p.name, side, meta)
+            t = lap("gather", t)
+            for m, ref in zip((pair.a, pair.b), refs, strict=True):
+                ids, mask = m.to_tokens(chunk)
+                t = lap("tokenize", t)
+                ref(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+                t = lap("HF forwards", t)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--texts", type=int, default=32)
@@ -43,7 +83,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--profile", action="store_true", help="also print collect's cProfile (cumulative)")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time collect's stages against the baseline's, interleaved",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     kw = dict(n_layers=args.layers, d_model=args.d_model, n_heads=8, n_kv_heads=2, d_mlp=3 * args.d_model)
     hf_a, tok_a = xa.testing.tiny_hf("llama", seed=0, **kw)
@@ -113,6 +161,13 @@ def main() -> None:
         f"ratio collect/baseline: {mo / mb:.3f} (medians; per repeat {', '.join(f'{r:.3f}' for r in ratios)})  "
         "(target <= 1.10)"
     )
+    if args.breakdown:
+        stages = breakdown(pair, (ref_a, ref_b), texts, pts_a, pts_b, args.batch, sync)
+        print("per stage (s, one pass, summed over batches):")
+        print("  " + "  ".join(f"{k} {v:.3f}" for k, v in stages.items()))
+        fwd = stages["bridge forwards"] / stages["HF forwards"]
+        print(f"  bridge forwards / HF decoder-stack forwards: {fwd:.3f}; align / tokenize: "
+              f"{stages['align'] / stages['tokenize']:.3f}")  # fmt: skip
     if args.profile:
         import cProfile
         import pstats
