@@ -344,3 +344,27 @@ def test_refusals_after_loading_name_the_option(monkeypatch, capsys, tmp_path, t
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert re.search(re.escape(expected), err), err
+
+
+def test_depth_pairs_keep_their_partners():
+    """Two depths on one block of a 4-layer A still pair with two blocks of a 30-layer B."""
+    from types import SimpleNamespace
+
+    from xlens_align.cli.options import options_from
+    from xlens_align.points import point_at_depth
+
+    class Model:
+        def __init__(self, n):
+            self.n_layers = n
+
+        def point_at_depth(self, f):
+            return point_at_depth(self.n_layers, f)
+
+    ns = cli.parser().parse_args(["fit", "--depths", "0.5,0.6"])
+    run = session.Run(options_from(ns, ns.parser))
+    run.pair = SimpleNamespace(a=Model(4), b=Model(30))
+    pa, pb = run.points(lambda m: pytest.fail("--depths was given"))
+    want_b = [point_at_depth(30, 0.5), point_at_depth(30, 0.6)]
+    assert pa == ["resid_post.2"] and pb == want_b and want_b[0] != want_b[1]
+    assert run.pairs() == [("resid_post.2", want_b[0]), ("resid_post.2", want_b[1])]
+    assert run.settings["points_a"] == pa and run.settings["points_b"] == pb

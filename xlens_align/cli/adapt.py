@@ -54,7 +54,7 @@ def adapter(run: Run) -> int:
     pair = run.load_pair()
     pts_a, pts_b = run.points(lambda m: [m.point_at_depth(0.4)])
     rows = []
-    for src, tgt in run.pairs(pts_a, pts_b):
+    for src, tgt in run.pairs():
         fit = xa.activations.collect_all(
             pair, texts.fit, [src], [tgt], drop_first=o.drop_first, massive=o.massive, progress=False
         )
@@ -141,7 +141,7 @@ def generate(run: Run) -> int:
         chosen = [(src, tgt, m, m.kind) for src, tgt, m in load_maps(run, own["map_files"])]
     else:
         pts_a, pts_b = run.points(lambda m: [m.point_at_depth(0.4)])
-        pairs = run.pairs(pts_a, pts_b)
+        pairs = run.pairs()
         chosen = []
         for kind in o.maps:
             maps = fresh_maps(run, texts.fit, pts_a, pts_b, kind, pairs=pairs)

@@ -60,6 +60,7 @@ class Run:
         self.pair: Any = None
         self.results: dict[str, Any] = {"schema": 1, "command": opts.command}
         self.settings: dict[str, Any] = {}
+        self._raw: tuple[list[str], list[str]] = ([], [])
 
     # -- before any model ---------------------------------------------------------------------
     def refuse(self, msg: str) -> Any:
@@ -165,7 +166,7 @@ class Run:
     ) -> tuple[list[str], list[str]]:
         """(points of A, points of B) from --points-a/-b, --depths or --points K (evenly spaced,
         after `spaced_extra`), else `default(model)`; unknown names exit 2 naming the option."""
-        o, out = self.opts, []
+        o, raw = self.opts, []
         for side, model in (("a", self.pair.a), ("b", self.pair.b)):
             if o.points_a is not None:
                 names = o.points_a if side == "a" else o.points_b
@@ -179,17 +180,22 @@ class Run:
                 pts = [*spaced_extra, *model.spaced_points(o.points)]
             else:
                 pts = default(model)
-            out.append(list(dict.fromkeys(pts)))
+            raw.append(pts)
+        self._raw = (raw[0], raw[1])
+        out = [list(dict.fromkeys(pts)) for pts in raw]
         self.settings["points_a"], self.settings["points_b"] = out
         return out[0], out[1]
 
-    def pairs(self, pa: list[str], pb: list[str]) -> list[tuple[str, str]]:
-        """Point pairs (A's i-th with B's i-th; one point on a side pairs with all of the other)."""
+    def pairs(self) -> list[tuple[str, str]]:
+        """The point pairs of the last `points` call: A's i-th with B's i-th (from the lists before
+        duplicates were dropped, so two depths on one block of the smaller model still pair with
+        two blocks of the larger); one point on a side pairs with every point of the other."""
+        pa, pb = self._raw
         if len(pa) == 1 or len(pb) == 1:
-            return [(a, b) for a in pa for b in pb]
+            return list(dict.fromkeys((a, b) for a in pa for b in pb))
         if len(pa) != len(pb):
             self.refuse(f"points of A ({len(pa)}) and of B ({len(pb)}) pair one to one: give as many of each")
-        return list(zip(pa, pb, strict=True))
+        return list(dict.fromkeys(zip(pa, pb, strict=True)))
 
     # -- the end --------------------------------------------------------------------------------
     def row_settings(self, massive: float | None) -> dict[str, Any]:

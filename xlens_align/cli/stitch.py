@@ -70,7 +70,7 @@ def fit(run: Run) -> int:
     out = run.make_out()
     pair = run.load_pair()
     pts_a, pts_b = run.points(lambda m: [m.point_at_depth(0.5)])
-    pairs = run.pairs(pts_a, pts_b)
+    pairs = run.pairs()
     held = xa.activations.collect_all(
         pair, texts.held, pts_a, pts_b, batch_size=o.batch_size, drop_first=o.drop_first, massive=o.massive,
         progress=o.progress,
