@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .. import distributed
 from ..fitting import fit_maps
 from ..plan import apply_map, plans, read_a, score_variants
 from ..points import Point
@@ -219,13 +220,15 @@ def run_grid(
     clean = TextSums(len(texts))
     ablated = {t: TextSums(len(texts)) for t in used_tgts}
     patched = {c: TextSums(len(texts)) for c in cells}
-    n_patched, n_forwards, filtered, text0 = 0, 0, {}, 0
+    # under an active process group each process runs its shard of the texts (text0: its start)
+    n_patched, n_forwards, filtered, text0 = 0, 0, {}, distributed.shard_range(len(texts), batch_size).start
     counts = {"forwards": 0}  # B's passes
     t0 = time.perf_counter()
     with torch.no_grad():
         for plan in plans(
-            pair, texts, batch_size=batch_size, rows=rows, progress=progress, desc="grid", **align
-        ):
+            pair, distributed.shard(texts, batch_size), batch_size=batch_size, rows=rows,
+            progress=progress and distributed.is_main(), desc="grid", **align,
+        ):  # fmt: skip
             text0 += len(plan.batch.texts)  # texts so far: the text index of each prediction (TextSums)
             if plan.n_patched:
                 X, plan = read_a(pair.a, plan, used_srcs, rows)
@@ -247,6 +250,11 @@ def run_grid(
                     variants[j][0].add_texts(at_text, nll[i], kl[i], top1[i])
             n_patched += plan.n_patched
     n_forwards = counts["forwards"]
+    if distributed.active():  # sums and counts of every process's shard, reduced once
+        runs = [clean, *ablated.values(), *patched.values()]
+        distributed.reduce_attrs(runs, ("nll", "kl", "top1", "n", "_table"))
+        n_patched, n_forwards = distributed.all_reduce_sum([n_patched, n_forwards])
+        filtered = distributed.reduce_counts(filtered)
     seconds = time.perf_counter() - t0
     effects = {}
     for s, t in cells:  # a loop, not a comprehension: recovered's warnings point at the caller
