@@ -8,8 +8,8 @@ a few texts, then times, between barriers:
   cka      : similarity.layer_grid, streamed minibatch CKA of embed + every resid_post of A x B
   stats    : fitting.fit_grid, affine maps (fixed ridge) for 3 x 3 (source, target) pairs from
              one StatsGrid pass
-  effects  : effects.measure of one of those maps at the middle points, mean ablation from
-             other texts
+  effects  : effects.measure of one of those maps at the middle points (the last --eval-texts
+             passages), mean ablation over the first --eval-texts / 2
 
 Each process reads its shard of the texts (`xlens_align.distributed`), the float64 sums are
 all-reduced once per pipeline. Rank 0 writes the times and numbers; the launcher prints, per
@@ -20,6 +20,7 @@ differs by minibatch noise, 0 with ``--minibatch 0``). Model loading is not time
 
     python benchmarks/distributed.py --device cuda --nproc 2              # embedded pair, >= 100k tokens
     python benchmarks/distributed.py --models tiny --texts 16 --nproc 2   # a quick CPU check (gloo)
+    python benchmarks/distributed.py --models tiny --device cuda --backend gloo   # 2 processes, 1 GPU
 """
 
 from __future__ import annotations
