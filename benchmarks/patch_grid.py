@@ -1,34 +1,38 @@
-"""Functional heatmap: batched `effects.grid` vs one patched forward per cell.
+"""Functional heatmap: the grid engine (`effects.grid`) vs one patched forward of B per cell.
 
 An L x L grid (every resid_post layer of A x every resid_post layer of B) on a tiny Llama (A) and
 a tiny Mistral (B), both random-init with the real vocabularies, a few short texts. The same
 maps (Procrustes fits on held-out texts, or random linear maps with ``--maps random``), texts
 and mean-ablation texts go through
 
-  batched : effects.grid(..., cells_per_forward=K)   B's batch replicated K times per forward
-  loop    : effects.grid(..., cells_per_forward=1)   one patched forward of B per cell (A, the
-            clean run and the ablations shared, exactly the same code otherwise)
-  measure : effects.measure per cell                 what one would write by hand (per cell: A
-            forward + clean, ablated and patched forwards of B)
+  engine : effects.grid(..., cells_per_forward=K)  one clean pass of B per batch, then for every
+           variant only B's layers above its target (variants of all targets stacked, each layer
+           run once per K variants), the unembedding only at the scored predictions
+  loop   : the same call with the full patched forward of B per variant (``plan._SUFFIX = False``,
+           cells_per_forward=1): one patched forward of B per cell, per ablation and for the clean
+           run (A, the row filters and the ablation vectors shared, the same code otherwise)
+  batched: the full patched forwards with K variants stacked per forward (the engine before the
+           suffix; shown for reference)
 
-in the same process, alternating, best of ``--repeats``. Prints the times, the speed-ups and the
-largest difference between the batched numbers and the loop's / measure's (must be < 1e-5).
+in the same process, alternating, best of ``--repeats``. All three score every variant on the
+same predictions (from each row's first patched position on, wherever the next token is real)
+with the one scorer (`scoring`): CE of the next token, KL(clean B || patched B) over the full
+vocabulary, and top-1 agreement with clean B. Prints the times (wall clock, and CPU time of the
+process on the CPU), the speed-ups, the largest difference between the engine's numbers and the
+loop's (must be < 1e-5), each path's peak CUDA memory on a GPU, and the process's peak RSS on the
+CPU. The engine streams batch by batch: its memory depends on the batch and `cells_per_forward`,
+not on the number of texts.
 
-What batching saves is the per-forward cost (Python and hook overhead of the bridge, kernel
-launches on a GPU); what it cannot save is per-replicate work, which on these tiny CPU models is
-dominated by B's 32k-vocabulary unembedding and the scoring of every next-token distribution
-(the same in both). So on CPU the gain over the shared loop grows as the per-forward work
-shrinks: about 1x at ``--batch-size 8``, over 3x at ``--batch-size 1``; against the per-cell
-`measure` loop (which also repeats A, the clean and the ablated runs) it is about 3x and 10x.
-
-    python benchmarks/patch_grid.py                       # 6 x 6 grid, 8 texts
-    python benchmarks/patch_grid.py --layers 6 --texts 8 --cells-per-forward 16 --repeats 3
+    python benchmarks/patch_grid.py                       # 6 x 6 grid, 8 texts, batch 8
+    python benchmarks/patch_grid.py --device cuda --layers 12 --texts 16 --cells-per-forward 160
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import resource
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,6 +41,7 @@ import torch
 
 import xlens_align as xa
 from xlens_align import effects as E
+from xlens_align import plan as P
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -146,10 +151,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--no-measure", action="store_true", help="skip the per-cell measure loop")
+    ap.add_argument("--no-batched", action="store_true", help="skip the batched full-forward path")
+    ap.add_argument(
+        "--more-texts", type=int, default=0, help="then run the engine alone on this many texts (memory vs tokens)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    cuda = args.device.startswith("cuda")
 
     a = xa.testing.tiny_llama(n_layers=args.layers, seed=0, device=args.device)
     b = xa.testing.tiny_mistral(n_layers=args.layers, seed=1, device=args.device)
@@ -164,51 +173,66 @@ def main() -> None:
         f"A={a.name} B={b.name} | {len(sources)}x{len(targets)} cells | {len(texts)} texts "
         f"({n_tok} B tokens) | batch {args.batch_size} | maps {args.maps} | {args.device}, threads {args.threads}"
     )
+    paths = {
+        "engine": (True, args.cells_per_forward),
+        "loop": (False, 1),
+        **({} if args.no_batched else {"batched": (False, args.cells_per_forward)}),
+    }
 
-    def batched():
-        return E.grid(pair, maps, texts, cells_per_forward=args.cells_per_forward, **kw)
+    def run(name: str) -> tuple[float, float, float, E.PatchGrid]:
+        suffix, k = paths[name]
+        P._SUFFIX = suffix
+        try:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            w, c = time.perf_counter(), time.process_time()
+            g = E.grid(pair, maps, texts, cells_per_forward=k, **kw)
+            if cuda:
+                torch.cuda.synchronize()
+            mem = torch.cuda.max_memory_allocated() / 2**20 if cuda else math.nan
+            return time.perf_counter() - w, time.process_time() - c, mem, g
+        finally:
+            P._SUFFIX = True
 
-    def loop():
-        return E.grid(pair, maps, texts, cells_per_forward=1, **kw)
-
-    def per_cell_measure():
-        vecs = {t: E.mean_activation(pair, t, HELD_OUT, batch_size=args.batch_size) for t in targets}
-        return {
-            (s, t): E.measure(
-                pair, m, source=s, target=t, texts=texts, ablation=vecs[t], batch_size=args.batch_size
-            )
-            for (s, t), m in maps.items()
-        }
-
-    batched()  # warm-up
-    times: dict[str, list[float]] = {"batched": [], "loop": [], "measure": []}
+    run("engine")  # warm-up
+    best: dict[str, list[float]] = {}
+    grids: dict[str, E.PatchGrid] = {}
     for _ in range(args.repeats):
-        dt, g = timed(batched)
-        times["batched"].append(dt)
-        dt, g_loop = timed(loop)
-        times["loop"].append(dt)
-        if not args.no_measure:
-            dt, per_cell = timed(per_cell_measure)
-            times["measure"].append(dt)
-    best = {k: min(v) for k, v in times.items() if v}
-    print(
-        f"batched grid ({args.cells_per_forward} replicates/forward, {g.extra['forwards_b']} B forwards): "
-        f"{best['batched']:.2f} s"
-    )
-    print(
-        f"loop, one patched forward per cell ({g_loop.extra['forwards_b']} B forwards): {best['loop']:.2f} s"
-        f"  -> speed-up {best['loop'] / best['batched']:.1f}x"
-    )
-    d_loop = max_diff(g, {c: g_loop.effects[c] for c in maps})
-    print(f"max |batched - loop| over ce/recovered/kl (top-1: flips): {d_loop:.2e}")
-    if "measure" in best:
-        print(
-            f"per-cell measure loop: {best['measure']:.2f} s  -> speed-up {best['measure'] / best['batched']:.1f}x"
-        )
-        d_meas = max_diff(g, per_cell)
-        print(f"max |batched - measure| over ce/recovered/kl (top-1: flips): {d_meas:.2e}")
-        assert d_meas < 1e-5, d_meas
+        for name in paths:
+            wall, cpu, mem, grids[name] = run(name)
+            old = best.get(name, [math.inf, math.inf, mem])
+            best[name] = [min(old[0], wall), min(old[1], cpu), max(old[2], mem)]
+    what = {
+        "engine": f"grid engine ({args.cells_per_forward} variants per pass, {grids['engine'].extra['forwards_b']} B passes)",
+        "loop": f"one patched forward per cell ({grids['loop'].extra['forwards_b']} B forwards)",
+        "batched": f"full forwards, {args.cells_per_forward} stacked ({grids.get('batched', grids['loop']).extra['forwards_b']} B forwards)",
+    }
+    for name in paths:
+        wall, cpu, mem = best[name]
+        line = f"{what[name]}: {wall:.3f} s wall"
+        if not cuda:
+            line += f", {cpu:.3f} s CPU"
+        if cuda:
+            line += f", peak CUDA memory {mem:.0f} MiB"
+        if name != "engine":
+            line += f"  -> engine speed-up {wall / best['engine'][0]:.1f}x wall"
+            if not cuda:
+                line += f", {cpu / best['engine'][1]:.1f}x CPU"
+        print(line)
+    g = grids["engine"]
+    d_loop = max_diff(g, {c: grids["loop"].effects[c] for c in maps})
+    print(f"max |engine - loop| over ce/recovered x gap/kl (top-1: flips): {d_loop:.2e}")
     assert d_loop < 1e-5, d_loop
+    if not cuda:  # freed memory stays with the process: its peak, not each path's
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"process peak RSS (models, maps and all paths): {peak:.0f} MiB")
+    if args.more_texts:
+        more = (SENTENCES * (args.more_texts // len(SENTENCES) + 1))[: args.more_texts]
+        texts = more
+        wall, _, mem, _ = run("engine")
+        line = f"engine alone on {len(more)} texts: {wall:.3f} s wall"
+        print(line + (f", peak CUDA memory {mem:.0f} MiB" if cuda else ""))
     print()
     print("recovered [sources x targets]:")
     print("              " + " ".join(f"{t:>13}" for t in g.targets))

@@ -57,17 +57,22 @@ def mean_activation(
 
 def _mean(
     pair: Any,
-    tgt: Point,
+    tgt: Point | Sequence[Point],
     texts: list[str],
     batch_size: int,
     rows: RowFilter,
     align: dict,
     progress: bool,
     arg: str = "ablation_texts",
-) -> Tensor:
+) -> Tensor | dict[Point, Tensor]:
+    """The mean at `tgt`, or {target: mean} of several targets read in one pass of B per batch
+    (each target's rows filtered on their own, as in a pass of its own)."""
+    tgts = [tgt] if isinstance(tgt, Point) else list(tgt)
+    if not tgts:
+        return {}
     b = pair.b
-    total = torch.zeros(b.d_model, dtype=torch.float64, device=b.device)
-    n = 0
+    total = {t: torch.zeros(b.d_model, dtype=torch.float64, device=b.device) for t in tgts}
+    n = dict.fromkeys(tgts, 0)
     with torch.no_grad():
         for plan in plans(  # under an active process group: this process's shard of the texts
             pair, distributed.shard(texts, batch_size), batch_size=batch_size, rows=rows,
@@ -75,18 +80,22 @@ def _mean(
         ):  # fmt: skip
             if plan.n_patched == 0:
                 continue
-            _, acts = b.run_with_points(plan.ids_b, plan.mask_b, [tgt])
-            Y = rows.enter(plan.gather_b(acts[tgt]), tgt.name, "b", plan.meta)
-            keep, _ = rows.activations([Y])
-            total += Y[keep].double().sum(0)
-            n += int(keep.sum())
-    total, n = distributed.all_reduce_sum([total, n])  # sums and counts, not means, over processes
-    if n == 0:
-        raise ValueError(
-            f"{arg}: no aligned position is left to average for the mean ablation at {tgt.name!r} "
-            f"(row filters {rows.describe()}); use longer texts or looser filters"
-        )
-    return (total / n).to(b.dtype)
+            _, acts = b.run_with_points(plan.ids_b, plan.mask_b, tgts)
+            for t in tgts:
+                Y = rows.enter(plan.gather_b(acts[t]), t.name, "b", plan.meta)
+                keep, _ = rows.activations([Y])
+                total[t] += Y[keep].double().sum(0)
+                n[t] += int(keep.sum())
+    means = {}
+    for t in tgts:
+        tot, k = distributed.all_reduce_sum([total[t], n[t]])  # sums and counts, not means, over processes
+        if k == 0:
+            raise ValueError(
+                f"{arg}: no aligned position is left to average for the mean ablation at {t.name!r} "
+                f"(row filters {rows.describe()}); use longer texts or looser filters"
+            )
+        means[t] = (tot / k).to(b.dtype)
+    return means[tgt] if isinstance(tgt, Point) else means
 
 
 def ablation_vectors(
@@ -129,4 +138,4 @@ def ablation_vectors(
     else:
         arg = "ablation_texts"
     held = check_texts(ablation_texts, "ablation_texts")
-    return {t: _mean(pair, t, held, batch_size, rows, align, False, arg) for t in targets}, "mean"
+    return _mean(pair, list(targets), held, batch_size, rows, align, False, arg), "mean"
