@@ -12,6 +12,11 @@ Per scored prediction, with ``z`` the variant's logits and ``z0`` the clean run'
   that close distributions lose no precision to cancellation;
 * top-1 agreement: ``argmax z == argmax z0``.
 
+`metrics` takes the logits at the scored predictions (one log-sum-exp per prediction);
+`metrics_hidden` takes the rows after B's final norm and makes the logits a block of rows at a
+time, scoring each block while it is in cache (the grid engine's path): the same numbers, with
+``sum_v p0_v (z_v - z0_v) = q0 . (h - h0)`` (``q0 = sum_v p0_v W_v``) when the unembedding is linear.
+
 Means are taken over all scored predictions of a run, the sums accumulated in float64 (`Sums`).
 ``recovered = (CE_ablated - CE_patched) / (CE_ablated - CE_clean)``: 1 means the patch is as good
 as B's own activations, 0 as bad as the ablation. When ``|CE_ablated - CE_clean|`` is at most

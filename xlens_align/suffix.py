@@ -2,9 +2,10 @@
 
 Writing values into B's stream at ``resid_pre.L`` changes nothing below layer L: every patched
 variant of a batch that targets layer L shares the clean computation of layers ``0..L-1``. A
-`Suffix` holds one batch of B's tokens; `Suffix.logits` takes the (patched) stream at a point
-and runs only what lies above it, with Hugging Face's own pieces, exactly as the model's
-``forward`` does:
+`Suffix` holds one batch of B's tokens; `Suffix.logits` / `Suffix.final_rows` take (patched)
+streams at points (each k replicates of the batch) and run only what lies above each point, with
+Hugging Face's own pieces, exactly as the model's ``forward`` does; streams of several points
+are stacked, each joining at the first layer above its point, so every layer runs once:
 
 * the decoder layers ``L..n-1`` (``resid_pre.L``) or ``L+1..n-1`` (``resid_post.L``); none for
   ``final`` (the stream after the final norm);
@@ -62,8 +63,8 @@ def _position_ids(mask: Int[Tensor, "B T"]) -> Int[Tensor, "b T"]:
 
 
 class Suffix:
-    """One batch of B's tokens (`input_ids`, `attention_mask` [B, T]); `logits` runs B from a
-    point on over ``K`` replicates of the batch stacked along the batch dimension."""
+    """One batch of B's tokens (`input_ids`, `attention_mask` [B, T]); `logits` runs B from
+    points on over replicates of the batch stacked along the batch dimension."""
 
     def __init__(
         self, model: LensModel, input_ids: Int[Tensor, "B T"], attention_mask: Int[Tensor, "B T"] | None
