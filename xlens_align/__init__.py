@@ -34,6 +34,7 @@ _SUBMODULES = {
     "effects",
     "transfer",
     "testing",
+    "report",
     "cli",
 }
 _EXPORTS = {
