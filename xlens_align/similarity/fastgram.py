@@ -2,8 +2,9 @@
 
 For one side of the grid, each point's minibatch is rounded once to the product's input type
 (bfloat16 for bf16, float32 for TF32 and float32, where cuBLAS rounds to TF32 itself) and its Gram
-``K = X X^T`` formed in float32 (bfloat16 and TF32 multiply exactly and accumulate in float32): one
-batched product per width for bf16, one product per point for TF32 / float32 (no stacked copy).
+``K = X X^T`` formed in float32 (bfloat16 and TF32 multiply exactly and accumulate in float32) by
+one batched product per width (one product per point of n = 1000 rows fills too few of an H200's
+multiprocessors: TF32 went from 0.40 to 0.45 s on the grid below).
 The rounding error is relative to |x|; what CKA needs is the centred features, so a point whose
 common mean is large is centred first (in float32, float64 for float64 input): its features
 minus the mean of the minibatch's first `MEAN_ROWS` rows. `_needs_centring` decides per point
@@ -45,10 +46,11 @@ from torch import Tensor
 __all__ = ["PRECISIONS", "SideGrams", "check_precision", "hsic_terms", "resolve_precision", "side_grams"]
 
 PRECISIONS = ("float64", "float32", "tf32", "bf16")
-# precision="auto": float64 off CUDA; on CUDA this one (benchmarks/similarity.py prints its error
-# against float64 over the whole grid, H200: 6.4e-8 at d=4096, 33x33, 100k tokens; 3.0e-7 at d
-# 512/1024; bf16 gave 8.9e-7 and 2.7e-6 at the same speed, within 3%)
-CUDA_DEFAULT = "tf32"
+# precision="auto": float64 off CUDA; on CUDA this one (benchmarks/similarity.py prints its time and
+# its error against float64 over the whole grid; H200, 33x33 points, d=4096, 100k tokens: bf16 0.350 s,
+# max |diff| 7.6e-7 (8.8e-7 with --mean 10: 0.450 s); tf32 0.40-0.45 s, 7.6e-8; 24x24 at d 512/1024,
+# 50k tokens: bf16 0.103 s, 2.8e-6)
+CUDA_DEFAULT = "bf16"
 MEAN_ROWS = 256
 # float32 terms per block of the cross products (H200, 33x33: 2000 as fast as 1000, 4096 7% slower)
 CROSS_TERMS = 2000
@@ -111,16 +113,19 @@ def _needs_centring(head: Tensor) -> list[bool]:
     return (mu_sq > CENTRE_RATIO * (mean_sq - mu_sq)).tolist()
 
 
-def _prepared(x: Tensor, mu: Tensor | None, s: float) -> Float[Tensor, "n d"]:
-    """``(x - mu) * s`` (mu None: ``x * s``) in float32, computed in x's dtype and rounded once: one
-    pass, none for a float32 `x` with s = 1 and no mu."""
-    if mu is None and s == 1.0:
-        return x.float()
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+def _prepared(x: Tensor, mu: Tensor | None, s: float, out: Tensor | None, into: Tensor) -> None:
+    """``(x - mu) * s`` (mu None: ``x * s``) computed in x's dtype and rounded once into `into`:
+    written there directly when `out` is `into` (float32), else through a float32 temporary."""
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if mu is None:
-        return torch.mul(x, s, out=out)
-    mu = mu.to(x.dtype)
-    return torch.sub(x, mu, out=out) if s == 1.0 else torch.add(mu * -s, x, alpha=s, out=out)
+        torch.mul(x, s, out=out)
+    elif s == 1.0:
+        torch.sub(x, mu.to(x.dtype), out=out)
+    else:
+        torch.add(mu.to(x.dtype) * -s, x, alpha=s, out=out)
+    if out is not into:
+        into.copy_(out)
 
 
 def _gram(x: Tensor, precision: str) -> Float[Tensor, "p n n"]:
@@ -143,9 +148,9 @@ def side_grams(
     go in unscaled (no float32 overflow or underflow can happen there) and the sums are divided by
     its square (`gain`, exact); outside, the features are multiplied by it first. Features are
     centred on the mean of their first `MEAN_ROWS` rows only where `_needs_centring` says so.
-    bf16: features rounded into one buffer, one batched product per width; float32 / tf32: one
-    product per point, straight from the input where it is float32 and needs neither. scale_t:
-    where the Grams are formed (its device; default: ts' device).
+    Features are rounded into one buffer per width (a multi-tensor copy for those that need
+    neither), then one batched product. scale_t: where the Grams are formed (its device; default:
+    ts' device).
     """
     device = scale_t.device if scale_t is not None else ts[0].device
     n = ts[0].shape[0]
@@ -167,27 +172,23 @@ def side_grams(
                 * torch.tensor([in_scale[i] for i in idx], dtype=head.dtype, device=device)[:, None, None]
             )
         centre = _needs_centring(head)
-        if precision == "bf16":
-            buf = torch.empty(len(xs), n, xs[0].shape[1], dtype=torch.bfloat16, device=device)
-            dst, src = [], []  # rounded as they are: one multi-tensor copy
-            for j, i in enumerate(idx):
-                if centre[j] or in_scale[i] != 1.0:
-                    buf[j].copy_(_prepared(xs[j], mus[j] if centre[j] else None, in_scale[i]))
-                else:
-                    dst.append(buf[j])
-                    src.append(xs[j])
-            if dst:
-                torch._foreach_copy_(dst, src)
-            g = _gram(buf, precision)
-            if len(idx) == len(ts):
-                k = g
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        buf = torch.empty(len(xs), n, xs[0].shape[1], dtype=dtype, device=device)
+        dst, src = [], []  # rounded as they are: one multi-tensor copy
+        for j, i in enumerate(idx):
+            if centre[j] or in_scale[i] != 1.0:
+                mu = mus[j] if centre[j] else None
+                _prepared(xs[j], mu, in_scale[i], buf[j] if dtype == torch.float32 else None, into=buf[j])
             else:
-                k[torch.tensor(idx, device=device)] = g
-            continue
-        with fp32_matmul(device, tf32=precision != "float32"):
-            for j, i in enumerate(idx):
-                x = _prepared(xs[j], mus[j] if centre[j] else None, in_scale[i])
-                torch.mm(x, x.T, out=k[i])
+                dst.append(buf[j])
+                src.append(xs[j])
+        if dst:
+            torch._foreach_copy_(dst, src)
+        g = _gram(buf, precision)  # one batched product: per-point products fill a fraction of the GPU
+        if len(idx) == len(ts):
+            k = g
+        else:
+            k[torch.tensor(idx, device=device)] = g
     diag = k.diagonal(dim1=1, dim2=2)
     finite = torch.isfinite(diag).all()  # sums of squares: inf or nan where a row is
     diag.zero_()

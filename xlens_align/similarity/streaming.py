@@ -13,12 +13,12 @@ State is O(P_A * P_B) numbers plus at most one pending minibatch: memory does no
 number of tokens; the transient cost per minibatch is (P_A + P_B) n^2 float64 numbers.
 
 ``precision="float64"`` is that path. "float32", "tf32" and "bf16" form the Grams of each side
-with one batched product from features centred in float32 and rounded once (`fastgram`), and
-combine float64 row sums into the same unbiased HSIC; the HSIC sums are float64 in every case.
-"auto" (the default) is float64 except on CUDA, where it is tf32: on an H200, 33x33 points at
-d=4096 over 100k tokens take 0.38 s instead of 2.03 s, with CKA within 6.4e-8 of float64 (3e-7 on
-the default grid of `benchmarks/similarity.py`, which prints both). bf16 is as fast there (0.37 s:
-the centring pass, not the product, dominates) and ~10x less accurate (8.9e-7, 2.7e-6).
+with one batched product from features rounded once (centred first where a point's mean is large,
+`fastgram`), and combine float64 row sums into the same unbiased HSIC; the HSIC sums are float64
+in every case. "auto" (the default) is float64 except on CUDA, where it is bf16: on an H200, 33x33
+points at d=4096 over 100k tokens take 0.350 s instead of 2.10 s, with CKA within 7.6e-7 of
+float64 (0.450 s when every layer has a large mean and is centred; 2.8e-6 on the default grid of
+`benchmarks/similarity.py`, which prints both); tf32 is ~10x more accurate (7.6e-8) and slower.
 """
 
 from __future__ import annotations
