@@ -727,10 +727,13 @@ def test_layer_grid_with_collect_interface(monkeypatch):
         yield from _batches({p: a["a0"] for p in points_a}, {p: b["b1"] for p in points_b}, 100)
 
     monkeypatch.setitem(sys.modules, "xlens_align.activations", types.SimpleNamespace(collect=fake_collect))
+    def point(name):  # the models' canonical names: these are already canonical
+        return types.SimpleNamespace(name=name)
+
     model_a = types.SimpleNamespace(
-        name="tiny-a", points=["embed", "resid_pre.0", "resid_post.0", "resid_post.1", "final"]
+        name="tiny-a", points=["embed", "resid_pre.0", "resid_post.0", "resid_post.1", "final"], point=point
     )
-    model_b = types.SimpleNamespace(name="tiny-b", points=["embed", "resid_post.0"])
+    model_b = types.SimpleNamespace(name="tiny-b", points=["embed", "resid_post.0"], point=point)
     pair = types.SimpleNamespace(a=model_a, b=model_b)
     g = S.layer_grid(
         pair,
@@ -826,3 +829,13 @@ def test_grid_figure_shows_controls_on_hover():
         "customdata"
         not in S.Grid(torch.tensor([[0.5]]), ["a"], ["b"], "cka", 10).figure().data[0].hovertemplate
     )
+
+
+def test_layer_grid_takes_negative_layer_names(tiny_pair):
+    """'resid_post.-1' names B's (and A's) last block, as collect does: the grid keys it canonically."""
+    texts = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France and more text."]
+    kw = dict(batch_size=2, progress=False)
+    g = S.layer_grid(tiny_pair, texts, points_a=["embed", "resid_post.-1"], points_b=["resid_post.-2"], **kw)
+    ref = S.layer_grid(tiny_pair, texts, points_a=["embed", "resid_post.3"], points_b=["resid_post.2"], **kw)
+    assert (g.points_a, g.points_b) == (["embed", "resid_post.3"], ["resid_post.2"])
+    assert torch.equal(g.values, ref.values) and (g.values > 0).all()

@@ -337,6 +337,8 @@ def layer_grid(
         from xlens_align.activations import collect
 
         _check_collect_kw(collect, collect_kw)
+        # the names collect keys its batches by ("resid_post.-1" -> "resid_post.<n_layers - 1>")
+        pa, pb = [pair.a.point(p).name for p in pa], [pair.b.point(p).name for p in pb]
         pool = distributed.active()
         if pool:  # this process's shard of the texts; grid_from_batches pools them
             texts = distributed.shard(check_texts(texts), positive_int(batch_size, "batch_size"))
