@@ -265,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             cell_maps = dict(maps[kind])
         g = xa.effects.grid(pair, cell_maps, held, **kw)
         effects[kind] = g.effects
+        got = [g.effects[(s, "embed") if kind == "injection" else (s, t)].recovered for s, t in at.values()]
+        log(f"   {kind:<11} recovered by depth: " + " ".join(f"{v:.3f}" for v in got))
     log(f"   {time.time() - t0:.1f} s")
     rows, table = [], []
     for d in depths:
