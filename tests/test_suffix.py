@@ -95,12 +95,13 @@ def test_suffix_logits_equal_the_full_patched_forward(model):
     ids, mask = model.to_tokens(TEXTS)  # right-padded rows of different lengths
     B, T = ids.shape
     assert T > 8 and (mask == 0).any()  # longer than the window of 4; padding present
-    pts = [model.point(n) for n in ("resid_pre.0", "resid_post.0", "resid_pre.2", "resid_post.3", "final")]
+    names = ("embed", "resid_pre.0", "resid_post.0", "resid_pre.2", "resid_post.3", "final")
+    pts = [model.point(n) for n in names]
     assert all(supported(model, p) for p in pts)
-    assert not supported(model, model.point("resid_mid.1")) and not supported(model, model.point("embed"))
+    assert not supported(model, model.point("resid_mid.1"))
     sfx = Suffix(model, ids, mask)
     # one point at a time, and all of them stacked in one pass (each layer run once)
-    for group in [[(p, 2)] for p in pts] + [[(p, k) for p, k in zip(pts, (1, 2, 1, 2, 2), strict=True)]]:
+    for group in [[(p, 2)] for p in pts] + [[(p, k) for p, k in zip(pts, (2, 1, 2, 1, 2, 2), strict=True)]]:
         streams, ref = _patched(model, ids, mask, group)
         R = ref.shape[0]
         rows, pos = torch.nonzero(mask.repeat(R // B, 1), as_tuple=True)
@@ -194,8 +195,8 @@ def test_score_variants_equal_full_forwards(tiny_pair, monkeypatch):
         for js, s in P.score_variants(b, plan, vs, 3):
             want.update({j: [x[i] for x in s] for i, j in enumerate(js)})
     assert sorted(got) == sorted(want) == list(range(len(vs)))
-    # one clean pass, two full forwards (resid_mid, embed), ceil(5 / 3) suffix passes
-    assert counts["forwards"] == 1 + 1 + math.ceil(5 / 3)
+    # one clean pass, one full forward (resid_mid), ceil(6 / 3) suffix passes
+    assert counts["forwards"] == 1 + 1 + math.ceil(6 / 3)
     for j in range(len(vs)):
         for x, y in zip(got[j], want[j], strict=True):
             assert x.shape == (plan.n_scored,)
@@ -207,7 +208,7 @@ def test_grid_suffix_equals_full_forwards(tiny_pair, monkeypatch):
     a, b = tiny_pair
     sources, targets = (
         ["resid_post.1", "resid_post.3"],
-        ["resid_pre.0", "resid_post.2", "resid_mid.2", "final"],
+        ["embed", "resid_pre.0", "resid_post.2", "resid_mid.2", "final"],
     )
     g = torch.Generator().manual_seed(1)
     maps = {

@@ -245,7 +245,7 @@ def score_variants(
     Targets that `suffix.supported` handles share one clean pass of B per batch (the stream at
     every such target and after the final norm): each variant then runs only B's layers above
     its target, and the unembedding only at the scored predictions, scored block by block
-    (`scoring.metrics_hidden`). Any other target (``embed``, ``resid_mid``, a remote model) gets
+    (`scoring.metrics_hidden`). Any other target (``resid_mid``, a remote model) gets
     full patched forwards (`run_b`), as do all variants when ``plan._SUFFIX`` is False (the
     reference path: the same numbers within float rounding)."""
     counts = {} if counts is None else counts

@@ -7,8 +7,9 @@ streams at points (each k replicates of the batch) and run only what lies above 
 Hugging Face's own pieces, exactly as the model's ``forward`` does; streams of several points
 are stacked, each joining at the first layer above its point, so every layer runs once:
 
-* the decoder layers ``L..n-1`` (``resid_pre.L``) or ``L+1..n-1`` (``resid_post.L``); none for
-  ``final`` (the stream after the final norm);
+* the decoder layers ``L..n-1`` (``resid_pre.L``) or ``L+1..n-1`` (``resid_post.L``), all of
+  them for ``embed`` (what enters layer 0: ``resid_pre.0`` for these families); none for ``final``
+  (the stream after the final norm);
 * the attention masks from ``transformers.masking_utils`` (``create_causal_mask``, and
   ``create_sliding_window_causal_mask`` for Mistral's window and the sliding layers of Qwen2 and
   Gemma 3, per ``config.layer_types``) and the position ids the bridge would pass;
@@ -16,10 +17,11 @@ are stacked, each joining at the first layer above its point, so every layer run
 * the final norm, ``lm_head`` and Gemma's final logit soft-capping, on the requested rows only
   (the norm acts row by row), so the unembedding is paid for the scored predictions alone.
 
-Gemma's embedding scale sits in the embedding, below every point handled here. Supported:
-`LensModel`s of the families in `FAMILIES` in the bridge's default (HF-numerics) mode, at
-``resid_pre``, ``resid_post`` and ``final`` (`supported`); anything else (``embed``,
-``resid_mid``, remote models) goes through `patching.forward_patched`.
+Gemma's embedding scale sits in the embedding module, so ``embed`` (its output) is what layer 0
+reads, as for the other families. Supported: `LensModel`s of the families in `FAMILIES` in the
+bridge's default (HF-numerics) mode, at ``embed``, ``resid_pre``, ``resid_post`` and ``final``
+(`supported`); anything else (``resid_mid``, remote models) goes through
+`patching.forward_patched`.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from .points import Point
 __all__ = ["FAMILIES", "KINDS", "Suffix", "supported"]
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma3")
-KINDS = ("resid_pre", "resid_post", "final")
+KINDS = ("embed", "resid_pre", "resid_post", "final")
 
 
 def supported(model: Any, point: Point) -> bool:
@@ -128,6 +130,8 @@ class Suffix:
         """The first decoder layer that runs above `point`."""
         if point.kind == "final":
             return self.model.n_layers
+        if point.kind == "embed":
+            return 0
         return point.layer + (point.kind == "resid_post")
 
     def hidden(self, streams: Sequence[tuple[Point, Float[Tensor, "r T d"]]]) -> Float[Tensor, "R T d"]:
@@ -137,7 +141,7 @@ class Suffix:
         stream that has reached it: a stream joins the stack at the first layer above its point."""
         starts = [self.first_layer(p) for p, _ in streams]
         if starts != sorted(starts) or any(p.kind == "final" for p, _ in streams):
-            raise ValueError("streams must be resid_pre / resid_post points sorted by depth")
+            raise ValueError("streams must be embed / resid_pre / resid_post points sorted by depth")
         R = sum(int(x.shape[0]) for _, x in streams)
         if R % self.rows:
             raise ValueError(f"the streams have {R} rows, not a multiple of the batch's {self.rows}")
