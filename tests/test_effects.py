@@ -275,9 +275,9 @@ def test_grid_equals_per_cell_measure(tiny_pair):
     g = E.grid(tiny_pair, maps, TEXTS, cells_per_forward=3, **kw)
     assert g.sources == sources and g.targets == targets
     assert g.recovered.shape == (2, 3) and math.isnan(g.recovered[1, 2])
-    # per text batch (2): one clean pass, ceil(3 / 3) full forwards for embed (its ablation and 2
-    # cells), ceil(5 / 3) suffix passes for resid_pre.2 and final (2 ablations, 3 cells)
-    assert g.extra["forwards_b"] == 2 * (1 + 1 + math.ceil(5 / 3))
+    # per text batch (2): one clean pass, then ceil(8 / 3) suffix passes (3 ablations, 5 cells;
+    # embed's run all of B's layers)
+    assert g.extra["forwards_b"] == 2 * (1 + math.ceil(8 / 3))
     for (s, t), m in maps.items():
         ref = E.measure(tiny_pair, m, source=s, target=t, texts=TEXTS, **kw)
         got = g.effects[(s, t)]
@@ -293,6 +293,40 @@ def test_grid_equals_per_cell_measure(tiny_pair):
     tab = g.table()
     assert len(tab.rows) == 5 and "inject" in tab.text and "embed" in tab.text
     assert {r["mode"] for r in tab.rows} == {"inject", "patch"}
+
+
+def test_grids_share_one_pass_and_equal_separate_grids(tiny_pair):
+    """Two sets of maps on the same cells (and one more target) in one pass: each set's grid equals
+    its own `grid` call; clean and ablated runs are computed once and shared."""
+    a, b = tiny_pair
+    cells = [("resid_post.1", "resid_pre.2"), ("resid_post.3", "embed")]
+    sets = {
+        "one": {c: Linear(a.d_model, b.d_model, seed=i) for i, c in enumerate(cells)},
+        "two": {c: Linear(a.d_model, b.d_model, seed=10 + i) for i, c in enumerate(cells)},
+        "three": {("resid_post.1", "final"): Linear(a.d_model, b.d_model, seed=20)},
+    }
+    kw = dict(ablation="mean", ablation_texts=HELD_OUT, batch_size=2, drop_first=1, cells_per_forward=4)
+    gs = E.grids(tiny_pair, sets, TEXTS, n_boot=20, seed=3, **kw)
+    assert list(gs) == ["one", "two", "three"]
+    # per text batch (2): one clean pass; 3 ablations + 5 cells in ceil(8 / 4) suffix passes
+    assert gs["one"].extra["forwards_b"] == 2 * (1 + 2) and gs["one"].extra["shared_with"] == ["two", "three"]
+    for k, maps in sets.items():
+        ref = E.grid(tiny_pair, maps, TEXTS, n_boot=20, seed=3, **kw)
+        got = gs[k]
+        assert (got.sources, got.targets) == (ref.sources, ref.targets)
+        assert got.ce_clean == pytest.approx(ref.ce_clean, abs=1e-6) and set(got.ce_ablated) == set(ref.ce_ablated)
+        for c, e in ref.effects.items():
+            f = got.effects[c]
+            for name in ("ce_patched", "ce_ablated", "kl", "top1_agreement"):
+                assert getattr(f, name) == pytest.approx(getattr(e, name), abs=1e-6), (k, c, name)
+            assert (f.recovered - e.recovered) * (e.ce_ablated - e.ce_clean) == pytest.approx(0, abs=1e-6)
+            assert f.recovered_ci is not None and len(f.recovered_ci) == 2
+    one, two = gs["one"].effects[cells[0]], gs["two"].effects[cells[0]]
+    assert one.ce_ablated == two.ce_ablated and one.ce_patched != two.ce_patched
+    with pytest.raises(TypeError, match=r"map_sets\['bad'\]: maps keys must be"):
+        E.grids(tiny_pair, {"bad": {"resid_post.1": Identity()}}, TEXTS)
+    with pytest.raises(ValueError, match="map_sets must be a non-empty dict"):
+        E.grids(tiny_pair, {}, TEXTS)
 
 
 def test_grid_with_fit_function(tiny_pair):

@@ -112,13 +112,14 @@ def run(run: Run) -> int:
     X, Y = fit_rows.a[src], fit_rows.b[tgt]
     Xh, Yh = held_rows.a[src], held_rows.b[tgt]
     g = torch.Generator().manual_seed(o.seed)
-    maps = []
+    maps, fitted = [], {}
     for name, m in (
         ("affine(cv)", xa.maps.Affine(alpha="cv")),
         ("procrustes", xa.maps.Procrustes(scale=True)),
         ("lowrank(32)", xa.maps.LowRank(rank=32, alpha=1.0)),
     ):
-        s = m.fit(X, Y).score(Xh, Yh)
+        fitted[name] = m.fit(X, Y)
+        s = m.score(Xh, Yh)
         maps.append({"map_kind": name, "source": src, "target": tgt, "score": s})
         log(f"{name:12s} {src} -> {tgt}: held-out R^2 {s['r2']:.3f}, cosine {s['cosine']:.3f}")
     shuffled = xa.maps.Affine(alpha="cv").fit(X, Y[torch.randperm(Y.shape[0], generator=g)]).score(Xh, Yh)
@@ -127,27 +128,30 @@ def run(run: Run) -> int:
     run.results["maps"] = maps
 
     log("\n== patching: A's mapped activations written into B (held-out texts), vs mean-ablation")
-    fitted = {
-        "affine(cv)": xa.maps.Affine(alpha="cv").fit(X, Y),
-        "procrustes": xa.maps.Procrustes(scale=True).fit(X, Y),
-    }
-    for m in fitted.values():
-        m.bind(a=pair.a, b=pair.b, source=src, target=tgt)
+    for name in ("affine(cv)", "procrustes"):
+        fitted[name].bind(a=pair.a, b=pair.b, source=src, target=tgt)
     inj = (
         xa.maps.EmbeddingInjection(base_params={"alpha": "cv"})
         .fit(X, fit_rows.b["embed"])
         .bind(a=pair.a, b=pair.b, source=src, target="embed")
     )
     ab_texts = train[: max(4, len(train) // 4)]
+    sets = {
+        "affine(cv)": {(src, tgt): fitted["affine(cv)"]},
+        "procrustes": {(src, tgt): fitted["procrustes"]},
+        "embedding injection": {(src, "embed"): inj},
+    }
+    # one pass: B's clean run, A's source rows and each target's ablation are shared by the three
+    grids = xa.effects.grids(
+        pair, sets, held, ablation="mean", ablation_texts=ab_texts, batch_size=o.batch_size,
+        drop_first=o.drop_first, progress=o.progress,
+    )  # fmt: skip
     rows = []
-    for name, m, target in [*((n, m, tgt) for n, m in fitted.items()), ("embedding injection", inj, "embed")]:
-        e = xa.effects.measure(
-            pair, m, source=src, target=target, texts=held, ablation="mean", ablation_texts=ab_texts,
-            batch_size=o.batch_size, drop_first=o.drop_first, progress=o.progress,
-        )  # fmt: skip
+    for name, g in grids.items():
+        (e,) = g.effects.values()
         rows.append(effect_row(pair, e, label=name))
         log(
-            f"{name:20s} {src} -> {target:14s} recovered {e.recovered:7.3f}  KL {e.kl:.3f}  "
+            f"{name:20s} {src} -> {e.target:14s} recovered {e.recovered:7.3f}  KL {e.kl:.3f}  "
             f"top-1 {e.top1_agreement:.3f}  (CE clean {e.ce_clean:.3f}, patched {e.ce_patched:.3f}, "
             f"ablated {e.ce_ablated:.3f}; {e.n_tokens} predictions)"
         )

@@ -17,13 +17,13 @@ The *embedding-injection* baseline is a map whose target is B's ``"embed"`` poin
 through the same code and tables (``Effect.mode == "inject"``).
 
 Modules, one job each: `mapped` (checking a map, one batch's patch), `ablation` (baselines),
-`measure` (one patch), `grid` (the functional grid), `generation` (text under a patch),
+`measure` (one patch), `grid` (the functional grid; `grids`: several sets of maps in one pass), `generation` (text under a patch),
 `tables` (results).
 """
 
 from .ablation import ABLATIONS, mean_activation
 from .generation import generate
-from .grid import PatchGrid, grid
+from .grid import PatchGrid, grid, grids
 from .mapped import MappedPatch, check_map, mapped_patch
 from .measure import measure
 from .tables import Effect, EffectTable, table
@@ -37,6 +37,7 @@ __all__ = [
     "check_map",
     "generate",
     "grid",
+    "grids",
     "mapped_patch",
     "mean_activation",
     "measure",

@@ -32,7 +32,7 @@ from .intervals import TextSums, add_intervals, check_interval_args
 from .mapped import check_map, is_map, map_kind, resolve
 from .tables import Effect, EffectTable, make_effect, table
 
-__all__ = ["METRICS", "PatchGrid", "grid"]
+__all__ = ["METRICS", "PatchGrid", "grid", "grids"]
 
 METRICS = ("recovered", "kl", "top1", "ce_patched")
 
@@ -159,9 +159,91 @@ def grid(
     return add_intervals(g, n_boot, level, seed)
 
 
-def run_grid(
+def grids(
+    pair: Any,
+    map_sets: Mapping[str, Mapping[tuple[str, str], Any] | Callable],
+    texts: Sequence[str],
+    *,
+    sources: Sequence[str] | None = None,
+    targets: Sequence[str] | None = None,
+    fit_texts: Sequence[str] | None = None,
+    ablation: str | Tensor = "mean",
+    ablation_texts: Sequence[str] | None = None,
+    batch_size: int = 8,
+    drop_first: int = 0,
+    massive: float | None = None,
+    clamp: float | None = None,
+    cells_per_forward: int = 8,
+    max_length: int | tuple[int, int] | None = None,
+    overflow: str = "error",
+    progress: bool = False,
+    n_boot: int = 0,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, PatchGrid]:
+    """Several functional grids in one pass: ``{label: maps}`` (each as `grid`'s `maps`, e.g. one
+    set per map kind, possibly on the same cells) -> ``{label: PatchGrid}``. The clean run of B,
+    A's source rows and the ablation of every target are computed once per batch and shared by
+    every set, so each grid's numbers equal a separate `grid` call (and its clean and ablated
+    numbers are the same objects); bootstrap intervals use the same resampled texts for every
+    set (a paired comparison)."""
+    n_boot, level, seed = check_interval_args(n_boot, level, seed)
+    if not isinstance(map_sets, Mapping) or not map_sets:
+        raise ValueError(f"map_sets must be a non-empty dict {{label: maps}}, got {type(map_sets).__name__}")
+    out = run_grids(
+        pair, map_sets, texts, sources=sources, targets=targets, fit_texts=fit_texts, ablation=ablation,
+        ablation_texts=ablation_texts, batch_size=batch_size, drop_first=drop_first, massive=massive,
+        clamp=clamp, cells_per_forward=cells_per_forward, max_length=max_length, overflow=overflow,
+        progress=progress, stacklevel=3,
+    )  # fmt: skip
+    return {k: add_intervals(g, n_boot, level, seed) for k, g in out.items()}
+
+
+def run_grid(pair: Any, maps: Any, texts: Sequence[str], *, stacklevel: int, **kw: Any) -> PatchGrid:
+    """`grid`'s engine (also `measure`'s): `run_grids` with one set of maps (one frame more)."""
+    return run_grids(pair, {None: maps}, texts, stacklevel=stacklevel + 1, **kw)[None]
+
+
+def _set_entries(
     pair: Any,
     maps: Any,
+    sources: Sequence[str] | None,
+    targets: Sequence[str] | None,
+    fit_texts: Sequence[str] | None,
+    fit_kw: dict[str, Any],
+    label: Any,
+) -> tuple[list[Point], list[Point], dict[tuple[Point, Point], Any]]:
+    """One set's sources, targets and ``{cell: fitted map}`` (fit functions fit on `fit_texts`)."""
+    where = "" if label is None else f"map_sets[{label!r}]: "
+    if label is None:
+        srcs, tgts, entries = _cells(pair, maps, sources, targets)
+    else:
+        try:
+            srcs, tgts, entries = _cells(pair, maps, sources, targets)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{where}{e}") from None
+    fns = {c: m for c, m in entries.items() if not is_map(m)}
+    for c, m in fns.items():
+        if not callable(m):
+            raise TypeError(
+                f"{where}maps[({c[0]}, {c[1]})] must be a map (with transform) or a fit function, "
+                f"got {type(m).__name__}"
+            )
+    if fns:
+        if fit_texts is None:
+            raise ValueError(
+                f"{where}maps given as fit functions need fit_texts=... (texts to fit them on, distinct "
+                "from the evaluation texts)"
+            )
+        entries.update(fit_maps(pair, fns, fit_texts, **fit_kw))
+    for (s, t), m in entries.items():
+        check_map(pair, m, s, t)
+    return srcs, tgts, entries
+
+
+def run_grids(
+    pair: Any,
+    map_sets: Mapping[Any, Any],
     texts: Sequence[str],
     *,
     sources: Sequence[str] | None,
@@ -178,34 +260,20 @@ def run_grid(
     overflow: str,
     progress: bool,
     stacklevel: int,
-) -> PatchGrid:
-    """`grid`'s engine (also `measure`'s); warnings about `recovered` point `stacklevel` frames up."""
+) -> dict[Any, PatchGrid]:
+    """The engine of `grid` / `grids` / `measure`; warnings about `recovered` point `stacklevel`
+    frames up."""
     texts = check_texts(texts)
     batch_size = positive_int(batch_size, "batch_size")
     cells_per_forward = positive_int(cells_per_forward, "cells_per_forward")
     rows = RowFilter(drop_first=drop_first, massive=massive, clamp=clamp)
     align = {"max_length": max_length, "overflow": overflow}
-    srcs, tgts, entries = _cells(pair, maps, sources, targets)
-    fns = {c: m for c, m in entries.items() if not is_map(m)}
-    for c, m in fns.items():
-        if not callable(m):
-            raise TypeError(
-                f"maps[({c[0]}, {c[1]})] must be a map (with transform) or a fit function, got {type(m).__name__}"
-            )
-    if fns:
-        if fit_texts is None:
-            raise ValueError(
-                "maps given as fit functions need fit_texts=... (texts to fit them on, distinct from the "
-                "evaluation texts)"
-            )
-        entries.update(
-            fit_maps(pair, fns, fit_texts, batch_size=batch_size, rows=rows, progress=progress, **align)
-        )
-    for (s, t), m in entries.items():
-        check_map(pair, m, s, t)
-    cells = [(s, t) for s in srcs for t in tgts if (s, t) in entries]
-    used_srcs = list(dict.fromkeys(s for s, _ in cells))
-    used_tgts = list(dict.fromkeys(t for _, t in cells))
+    fit_kw = dict(batch_size=batch_size, rows=rows, progress=progress, **align)
+    sets = {k: _set_entries(pair, m, sources, targets, fit_texts, fit_kw, k) for k, m in map_sets.items()}
+    # variants' cells: (label, source, target); sources / targets in first-seen order over the sets
+    cells = [(k, s, t) for k, (srcs, tgts, ent) in sets.items() for s in srcs for t in tgts if (s, t) in ent]
+    used_srcs = list(dict.fromkeys(s for _, s, _ in cells))
+    used_tgts = list(dict.fromkeys(t for _, _, t in cells))
     abl, abl_name = ablation_vectors(
         pair,
         used_tgts,
@@ -237,12 +305,19 @@ def run_grid(
                 continue
             # variants: (sums, target or None, values or the cell whose mapped values to compute);
             # mapped values are computed chunk by chunk, so memory holds one chunk's worth
-            at_text = text0 - len(plan.batch.texts) + plan.batch.row_text.to(plan.labels.device)[plan.score_at[0]]
+            at_text = (
+                text0 - len(plan.batch.texts) + plan.batch.row_text.to(plan.labels.device)[plan.score_at[0]]
+            )
             variants: list[tuple[TextSums, Point | None, Any]] = [(clean, None, None)]
             variants += [(ablated[t], t, abl[t].expand(plan.n_patched, -1)) for t in used_tgts]
-            variants += [(patched[c], c[1], c) for c in cells]
+            variants += [(patched[c], c[2], c) for c in cells]
             todo = [
-                (t, partial(apply_map, entries[v], X[v[0]], pair, *v) if isinstance(v, tuple) else v)
+                (
+                    t,
+                    partial(apply_map, sets[v[0]][2][v[1:]], X[v[1]], pair, *v[1:])
+                    if isinstance(v, tuple)
+                    else v,
+                )
                 for _, t, v in variants
             ]
             for js, (nll, kl, top1) in score_variants(pair.b, plan, todo, cells_per_forward, counts):
@@ -256,40 +331,47 @@ def run_grid(
         n_patched, n_forwards = distributed.all_reduce_sum([n_patched, n_forwards])
         filtered = distributed.reduce_counts(filtered)
     seconds = time.perf_counter() - t0
-    effects = {}
-    for s, t in cells:  # a loop, not a comprehension: recovered's warnings point at the caller
-        effects[s.name, t.name] = make_effect(
-            s.name, t.name, map_kind(entries[s, t]), clean, patched[s, t], ablated[t], n_patched=n_patched,
-            ablation=abl_name, n_texts=len(texts), rows=rows, filtered=filtered, stacklevel=stacklevel + 1,
-        )  # fmt: skip
-    mats = {k: torch.full((len(srcs), len(tgts)), math.nan, dtype=torch.float64) for k in METRICS}
-    names_s, names_t = [p.name for p in srcs], [p.name for p in tgts]
-    for (s, t), e in effects.items():
-        i, j = names_s.index(s), names_t.index(t)
-        for k, v in zip(METRICS, (e.recovered, e.kl, e.top1_agreement, e.ce_patched), strict=True):
-            mats[k][i, j] = v
-    return PatchGrid(
-        sources=names_s,
-        targets=names_t,
-        ce_clean=clean.mean("nll"),
-        ce_ablated={t.name: ablated[t].mean("nll") for t in used_tgts},
-        effects=effects,
-        n_tokens=clean.n,
-        ablation=abl_name,
-        model_a=pair.a.name,
-        model_b=pair.b.name,
-        extra={
-            "n_patched": n_patched,
-            "forwards_b": n_forwards,
-            "cells_per_forward": cells_per_forward,
-            "seconds": seconds,
-            "rows": rows.describe(),
-            "filtered": filtered,
-        },
-        text_sums={
-            "clean": clean.per_text,
-            **{("ablated", t.name): ablated[t].per_text for t in used_tgts},
-            **{(s.name, t.name): patched[s, t].per_text for s, t in cells},
-        },
-        **mats,
-    )
+    out = {}
+    for k, (srcs, tgts, entries) in sets.items():
+        effects = {}
+        for kk, s, t in cells:  # a loop, not a comprehension: recovered's warnings point at the caller
+            if kk != k:
+                continue
+            effects[s.name, t.name] = make_effect(
+                s.name, t.name, map_kind(entries[s, t]), clean, patched[k, s, t], ablated[t], n_patched=n_patched,
+                ablation=abl_name, n_texts=len(texts), rows=rows, filtered=filtered, stacklevel=stacklevel + 1,
+            )  # fmt: skip
+        set_tgts = list(dict.fromkeys(t for kk, _, t in cells if kk == k))
+        mats = {m: torch.full((len(srcs), len(tgts)), math.nan, dtype=torch.float64) for m in METRICS}
+        names_s, names_t = [p.name for p in srcs], [p.name for p in tgts]
+        for (s, t), e in effects.items():
+            i, j = names_s.index(s), names_t.index(t)
+            for m, v in zip(METRICS, (e.recovered, e.kl, e.top1_agreement, e.ce_patched), strict=True):
+                mats[m][i, j] = v
+        out[k] = PatchGrid(
+            sources=names_s,
+            targets=names_t,
+            ce_clean=clean.mean("nll"),
+            ce_ablated={t.name: ablated[t].mean("nll") for t in set_tgts},
+            effects=effects,
+            n_tokens=clean.n,
+            ablation=abl_name,
+            model_a=pair.a.name,
+            model_b=pair.b.name,
+            extra={
+                "n_patched": n_patched,
+                "forwards_b": n_forwards,
+                "cells_per_forward": cells_per_forward,
+                "seconds": seconds,
+                "rows": rows.describe(),
+                "filtered": filtered,
+                **({} if len(sets) == 1 else {"shared_with": [x for x in sets if x != k]}),
+            },
+            text_sums={
+                "clean": clean.per_text,
+                **{("ablated", t.name): ablated[t].per_text for t in set_tgts},
+                **{(s.name, t.name): patched[kk, s, t].per_text for kk, s, t in cells if kk == k},
+            },
+            **mats,
+        )
+    return out
