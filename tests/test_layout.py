@@ -27,7 +27,7 @@ FLOORS = {
         "passages",
         "distributed",
     },
-    1: {"models", "loading", "remote"},
+    1: {"models", "loading", "remote", "shadow"},
     2: {"activations", "patching", "rows", "testing", "suffix"},
     3: {"maps", "similarity", "scoring", "plan"},
     4: {"effects", "transfer", "fitting"},

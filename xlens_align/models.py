@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from . import shadow
 from .loading import check_device, load_hf, tokenizer_dir
 from .points import Point, all_points, forward_stop, parse_point, spaced_points
 from .points import point_at_depth as _point_at_depth
@@ -183,6 +184,9 @@ class LensModel:
             return name
         return self.hook_name(name)
 
+    #: read hook-free points through the plain HF twin (`shadow`); False: always the bridge
+    use_twin: bool = True
+
     def run_with_points(
         self,
         input_ids: Int[Tensor, "batch pos"],
@@ -199,7 +203,10 @@ class LensModel:
         point lies before the last block, and by ending the pass from the deepest point's hook
         otherwise (so the unembedding, the largest matrix of a 128k-vocabulary model, is skipped).
         Returns (logits or None, {point: [batch, pos, d_model]}), keyed by the points as given
-        (names or `Point` objects). Where the pass may stop is `points.forward_stop`.
+        (names or `Point` objects). Where the pass may stop is `points.forward_stop`. With no
+        hook anywhere and no logits asked, the pass runs the plain HF twin of the bridged model
+        (`shadow`: the same weights and numbers, without the bridge's per-operation hooks);
+        ``model.use_twin = False`` keeps it on the bridge.
         """
         if isinstance(points, str | Point):
             raise TypeError(f"points must be a list of points such as ['resid_post.3'], got {points!r}")
@@ -224,9 +231,11 @@ class LensModel:
 
             return fn
 
+        kw = self._forward_kwargs(input_ids, attention_mask)
+        if shadow.serves(self, resolved.values(), return_logits, fwd_hooks):
+            return None, shadow.points_from_twin(self, input_ids, attention_mask, resolved, deepest)
         hooks = [(self._hook(n), f) for n, f in fwd_hooks]
         hooks += [(h, capture(h)) for h in by_hook]
-        kw = self._forward_kwargs(input_ids, attention_mask)
         logits = None
         try:
             out = self.bridge.run_with_hooks(input_ids, fwd_hooks=hooks, stop_at_layer=stop_at, **kw)

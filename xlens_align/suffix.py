@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .models import LensModel
 from .points import Point
+from .shadow import position_ids
 
 __all__ = ["FAMILIES", "KINDS", "Suffix", "supported"]
 
@@ -50,18 +51,6 @@ def supported(model: Any, point: Point) -> bool:
         and model.bridge_mode == "hf"
         and point.kind in KINDS
     )
-
-
-def _position_ids(mask: Int[Tensor, "B T"]) -> Int[Tensor, "b T"]:
-    """The positions the bridge hands HF: ``arange`` unless a masked token precedes a real one
-    in some row (left padding), where that row counts real tokens only."""
-    T = mask.shape[1]
-    arange = torch.arange(T, device=mask.device)
-    derived = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)
-    needs = ((derived != arange) & (mask != 0)).any(dim=1, keepdim=True)
-    if not bool(needs.any()):
-        return arange[None]
-    return torch.where(needs, derived, arange.expand_as(derived))
 
 
 class Suffix:
@@ -83,7 +72,7 @@ class Suffix:
             attention_mask = torch.ones_like(input_ids)
         self.mask = attention_mask
         self.rows = int(input_ids.shape[0])
-        self.position_ids = _position_ids(attention_mask)
+        self.position_ids = position_ids(attention_mask)
         n = model.n_layers
         types = getattr(self.config, "layer_types", None)
         if types is None:
