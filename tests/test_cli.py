@@ -198,7 +198,7 @@ def test_fit_saves_maps_that_load_and_score_as_recorded(runs):
 
 def test_effects_grid_and_saved_maps(runs):
     _, res, _ = runs["effects"]
-    f = res["functional"]
+    (f,) = res["functional"]  # one grid per --maps kind (affine by default); injection is a column of rows
     assert f["map_kind"] == "affine" and f["points_a"] == ["resid_post.0", "resid_post.3"]
     cells = {(e["source"], e["target"]): e for e in res["effects"] if e["map_kind"] == "affine"}
     for i, s in enumerate(f["points_a"]):

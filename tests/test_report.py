@@ -118,9 +118,12 @@ def test_report_of_a_tiny_run_shows_every_section_with_the_results_numbers(run):
             assert f'<td>{pa}</td><td>{pb}</td><td class="num">{v:.4g}</td>' in html
     assert "filtered rows (row filters applied)" in html and "all rows (no row filter)" in html
     for key, mat in (("recovered", pg.recovered), ("kl", pg.kl), ("top1_agreement", pg.top1)):
-        (trace,) = _figure(html, f"functional-{key}")
+        (trace,) = _figure(html, f"functional-0-{key}")  # one grid (an object): grid 0
         assert trace["z"] == mat.tolist() and trace["y"] == pg.sources and trace["x"] == pg.targets
         assert trace["reversescale"] is (key == "kl")  # lower KL is better
+    # one grid per map kind (a list): each drawn with its own title
+    two = report.build({**res, "functional": [res["functional"], {**res["functional"], "map_kind": "procrustes"}]})
+    assert "functional-1-kl" in two and "recovered: procrustes maps" in two and "functional-2-" not in two
     # depth plots: one affine line (grid cells: 2 sources at the same depths -> split by source),
     # one procrustes line, and the injection baseline as a flat dashed line
     traces = _figure(html, "effects-depth")
@@ -240,6 +243,8 @@ MALFORMED = [
     ({"schema": 1, "similarity": [_entry("raw", True, values=[[0.1, "x"], [0, 1]])]}, r"\['values'\]\[0\]\[1\] must be a number"),
     ({"schema": 1, "similarity": [_entry("raw", True, n_rows=-1)]}, r"\['n_rows'\] must be an int >= 0"),
     ({"schema": 1, "functional": {"map_kind": "affine", "points_a": ["a"], "points_b": ["b"], "recovered": [[1]]}}, r"functional lacks 'kl'"),
+    ({"schema": 1, "functional": [{"map_kind": "affine", "points_a": ["a"], "points_b": ["b"], "recovered": [[1]]}]}, r"functional\[0\] lacks 'kl'"),
+    ({"schema": 1, "functional": "affine"}, r"functional must be a JSON list"),
     ({"schema": 1, "effects": [{"source": "s", "target": "t", "map_kind": "m", "recovered": 1, "kl": 0, "top1_agreement": 1}]}, r"effects\[0\] lacks 'depth_a'"),
     ({"schema": 1, "adapter": [{"source": "s", "target": "t", "map_kind": "m", "recovered": 1, "kl": 0, "top1_agreement": 1, "kl_ci": [0]}]}, r"adapter\[0\]\['kl_ci'\] must be \[low, high\]"),
     ({"schema": 1, "generations": [{"prompt": "p"}]}, r"generations\[0\] lacks 'map_kind'"),

@@ -138,6 +138,20 @@ def _boot_kw(run: Run, fn: Any) -> dict[str, Any]:
     return {"n_boot": n_boot, "seed": run.opts.seed}
 
 
+def _injection(run: Run, pair: Any, texts: Any, sources: list[str]) -> dict[tuple[str, str], Any]:
+    """The embedding-injection baseline from each source: {(source, "embed"): map}."""
+    import xlens_align as xa
+
+    o = run.opts
+    return {
+        (src, "embed"): xa.fitting.fit_injection(
+            pair, source=src, texts=texts.fit, batch_size=o.batch_size, drop_first=o.drop_first,
+            massive=o.massive, progress=o.progress, alpha="cv",
+        )  # fmt: skip
+        for src in sources
+    }
+
+
 def effects(run: Run) -> int:
     import xlens_align as xa
 
@@ -155,28 +169,24 @@ def effects(run: Run) -> int:
         for src, tgt, m in load_maps(run, o.own["map_files"]):
             e = xa.effects.measure(pair, m, source=src, target=tgt, texts=texts.held, **kw)
             rows.append(effect_row(pair, e))
-        sources = list(dict.fromkeys(r["source"] for r in rows))
+        if o.own["injection"]:
+            sources = list(dict.fromkeys(r["source"] for r in rows))
+            inj = xa.effects.grids(pair, {"injection": _injection(run, pair, texts, sources)}, texts.held, **kw)
+            rows += [effect_row(pair, e) for e in inj["injection"].effects.values()]
     else:
         sources, targets = run.points(lambda m: m.spaced_points(4))
-        kw = {**common, **_boot_kw(run, xa.effects.grid)}
-        for kind in o.maps:
-            maps = fresh_maps(run, texts.fit, sources, targets, kind)
-            log(f"patching {len(maps)} cells into B over {len(texts.held)} held-out passages")
-            g = xa.effects.grid(pair, maps, texts.held, sources=sources, targets=targets, **kw)
+        sets: dict[str, Any] = {kind: fresh_maps(run, texts.fit, sources, targets, kind) for kind in o.maps}
+        if o.own["injection"]:
+            sets["injection"] = _injection(run, pair, texts, sources)
+        n = sum(len(m) for m in sets.values())
+        log(f"patching {n} maps ({', '.join(sets)}) into B over {len(texts.held)} held-out passages, one pass")
+        kw = {**common, **_boot_kw(run, xa.effects.grids)}
+        grids = xa.effects.grids(pair, sets, texts.held, sources=sources, **kw)
+        run.results["functional"] = [functional_entry(grids[kind], kind) for kind in o.maps]
+        for kind, g in grids.items():
             rows += [effect_row(pair, e) for e in g.effects.values()]
-            if "functional" not in run.results:
-                run.results["functional"] = functional_entry(g, kind)
             log(f"\n{kind} maps: B clean CE {g.ce_clean:.3f}, {g.n_tokens} scored predictions")
             log(g.table().text)
-    if o.own["injection"]:
-        for src in sources:
-            inj = xa.fitting.fit_injection(
-                pair, source=src, texts=texts.fit, batch_size=o.batch_size, drop_first=o.drop_first,
-                massive=o.massive, progress=o.progress, alpha="cv",
-            )  # fmt: skip
-            e = xa.effects.measure(pair, inj, source=src, target="embed", texts=texts.held, **common)
-            rows.append(effect_row(pair, e))
-            log(f"embedding injection from {src}: CE patched {e.ce_patched:.3f}, KL {e.kl:.3f}")
     run.results["effects"] = rows
     return run.finish()
 

@@ -121,13 +121,20 @@ def _similarity(entry: Any, where: str) -> dict[str, Any]:
     return e
 
 
-def _functional(section: Any) -> dict[str, Any]:
-    f = dict(_mapping(section, "functional"))
-    _string(f, "map_kind", "functional")
-    shape = (len(_points(f, "points_a", "functional")), len(_points(f, "points_b", "functional")))
+def _functional(section: Any, where: str = "functional") -> dict[str, Any]:
+    f = dict(_mapping(section, where))
+    _string(f, "map_kind", where)
+    shape = (len(_points(f, "points_a", where)), len(_points(f, "points_b", where)))
     for key in ("recovered", "kl", "top1_agreement"):
-        f[key] = _matrix(f, key, shape, "functional")
+        f[key] = _matrix(f, key, shape, where)
     return f
+
+
+def _functionals(section: Any) -> list[dict[str, Any]]:
+    """One functional grid (an object) or one per map kind (a list of them), as a list."""
+    if isinstance(section, Mapping):
+        return [_functional(section)]
+    return [_functional(e, f"functional[{i}]") for i, e in enumerate(_list(section, "functional"))]
 
 
 def _effect(row: Any, where: str, *, depth: bool) -> dict[str, Any]:
@@ -174,7 +181,7 @@ def check(results: Any) -> dict[str, Any]:
             _similarity(e, f"similarity[{i}]") for i, e in enumerate(_list(res["similarity"], "similarity"))
         ]
     if res.get("functional") is not None:
-        res["functional"] = _functional(res["functional"])
+        res["functional"] = _functionals(res["functional"])
     if res.get("effects") is not None:
         res["effects"] = [
             _effect(r, f"effects[{i}]", depth=True) for i, r in enumerate(_list(res["effects"], "effects"))

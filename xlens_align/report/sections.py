@@ -140,33 +140,35 @@ def similarity(res: Mapping[str, Any]) -> tuple[str, str, str] | None:
 
 
 def functional(res: Mapping[str, Any]) -> tuple[str, str, str] | None:
-    f = res.get("functional")
-    if f is None:
+    grids = res.get("functional")
+    if not grids:
         return None
     model_a, model_b = _models(res)
+    kinds = ", ".join(text(f["map_kind"]) for f in grids)
     note = (
-        f'<p class="note">Each cell: a map ({text(f["map_kind"])}) from a point of {text(model_a)} (row) '
-        f"written into a point of {text(model_b)} (column); recovered = (CE ablated - CE patched) / "
-        "(CE ablated - CE clean), KL(clean || patched) per prediction (lower is better), top-1 = "
-        "share of predictions whose argmax matches the clean run.</p>"
+        f'<p class="note">One grid per map kind ({kinds}). Each cell: a map from a point of '
+        f"{text(model_a)} (row) written into a point of {text(model_b)} (column); recovered = (CE "
+        "ablated - CE patched) / (CE ablated - CE clean), KL(clean || patched) per prediction (lower "
+        "is better), top-1 = share of predictions whose argmax matches the clean run.</p>"
     )
     parts = [note]
-    for key, measure, low in (
-        ("recovered", "recovered", False),
-        ("kl", "KL", True),
-        ("top1_agreement", "top-1", False),
-    ):
-        fig = heatmap(
-            f[key],
-            f["points_a"],
-            f["points_b"],
-            measure=measure,
-            title=f"{measure}: {f['map_kind']} maps, {model_a} -> {model_b}",
-            model_a=model_a,
-            model_b=model_b,
-            lower_is_better=low,
-        )
-        parts.append(figure_html(fig, f"functional-{key}"))
+    for i, f in enumerate(grids):
+        for key, measure, low in (
+            ("recovered", "recovered", False),
+            ("kl", "KL", True),
+            ("top1_agreement", "top-1", False),
+        ):
+            fig = heatmap(
+                f[key],
+                f["points_a"],
+                f["points_b"],
+                measure=measure,
+                title=f"{measure}: {f['map_kind']} maps, {model_a} -> {model_b}",
+                model_a=model_a,
+                model_b=model_b,
+                lower_is_better=low,
+            )
+            parts.append(figure_html(fig, f"functional-{i}-{key}"))
     return "functional", "Functional heatmap", "\n".join(parts)
 
 
