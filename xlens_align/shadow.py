@@ -83,9 +83,16 @@ def hooked(model: Any) -> bool:
 
     if _m._global_forward_hooks or _m._global_forward_pre_hooks:
         return True
-    mods = list(model.bridge.modules())
-    own = {h.id for m in mods for h in getattr(m, "_capture_hook_handles", ())}
-    return any(set(m._forward_hooks) - own or set(m._forward_pre_hooks) - own for m in mods)
+    got = getattr(model, "_bridge_modules", None)
+    if got is None:  # the bridge's module tree is fixed once booted
+        mods = list(model.bridge.modules())
+        got = model._bridge_modules = (mods, [m for m in mods if hasattr(m, "_capture_hook_handles")])
+    mods, owners = got
+    busy = [m for m in mods if m._forward_hooks or m._forward_pre_hooks]
+    if not busy:
+        return False
+    own = {h.id for m in owners for h in m._capture_hook_handles}
+    return any(set(m._forward_hooks) - own or set(m._forward_pre_hooks) - own for m in busy)
 
 
 def serves(model: Any, points: Iterable[Point], return_logits: bool, fwd_hooks: Sequence[Any]) -> bool:
