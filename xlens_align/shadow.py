@@ -22,9 +22,11 @@ from torch import Tensor
 
 from .points import Point
 
-__all__ = ["KINDS", "hooked", "points_from_twin", "position_ids", "serves", "twin"]
+__all__ = ["FAMILIES", "KINDS", "hooked", "points_from_twin", "position_ids", "serves", "twin"]
 
 KINDS = ("embed", "resid_pre", "resid_post", "final")
+#: families whose twin is checked equal to the bridge (tests/test_shadow.py); others use the bridge
+FAMILIES = ("llama", "mistral", "qwen2", "gemma3")
 
 
 class _Stop(Exception):
@@ -96,10 +98,12 @@ def hooked(model: Any) -> bool:
 
 
 def serves(model: Any, points: Iterable[Point], return_logits: bool, fwd_hooks: Sequence[Any]) -> bool:
-    """Whether the plain twin gives this pass of `model` (a `LensModel`): ``model.use_twin``, no
-    logits asked, no hook anywhere, the bridge in HF-numerics mode, points the twin reads."""
+    """Whether the plain twin gives this pass of `model` (a `LensModel`): ``model.use_twin``, a
+    checked family, no logits asked, no hook anywhere, the bridge in HF-numerics mode, points the
+    twin reads."""
     return (
         getattr(model, "use_twin", False)
+        and getattr(model, "family", None) in FAMILIES
         and not return_logits
         and not fwd_hooks
         and model.bridge_mode == "hf"
