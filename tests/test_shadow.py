@@ -39,7 +39,7 @@ def test_twin_equals_the_bridge(model):
             for p in pts:
                 diff = (ref[p][real] - got[p][real]).abs().max().item()
                 assert diff <= 1e-6, (model.family, p, diff)
-    assert isinstance(getattr(model, "_twin", None), torch.nn.Module)  # the twin did run
+    assert isinstance(getattr(model, "_twin", (None,))[0], torch.nn.Module)  # the twin did run
 
 
 def test_twin_shares_the_weights(model):
@@ -58,6 +58,18 @@ def test_twin_shares_the_weights(model):
         finally:
             w.mul_(0.5)
     assert torch.equal(ref, got) and not torch.allclose(got, before)
+
+
+def test_twin_follows_a_move_of_the_bridge():
+    """`.to(dtype)` replaces the bridged modules' buffers (and data): the twin follows."""
+    m = tiny("llama")  # its own copy: the move changes it
+    ids, mask = m.to_tokens(TEXTS[:2])
+    _read(m, ids, mask, ["resid_post.1"], True)  # the twin is built
+    m.bridge.to(torch.float64)
+    ref = _read(m, ids, mask, ["resid_post.1"], False)["resid_post.1"]
+    got = _read(m, ids, mask, ["resid_post.1"], True)["resid_post.1"]
+    assert got.dtype == torch.float64 and torch.equal(ref[mask.bool()], got[mask.bool()])
+    assert all(b.dtype == torch.float64 for b in shadow.twin(m).buffers() if b.is_floating_point())
 
 
 def test_hooks_send_the_pass_through_the_bridge(model):

@@ -52,29 +52,35 @@ def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
 
 
 def twin(model: Any) -> torch.nn.Module:
-    """The plain HF model of `model` (a `LensModel`), built once and kept on it."""
+    """The plain HF model of `model` (a `LensModel`), built once and kept on it; each call
+    re-points its tensors at the bridged modules' current ones (a ``.to(device)`` replaces
+    buffers, and may replace parameters)."""
     got = getattr(model, "_twin", None)
-    if got is not None:
-        return got
+    if got is None:
+        got = model._twin = _build(model)
+    plain, links = got
+    for dst, src, k, kind in links:
+        getattr(dst, kind)[k] = getattr(src, kind)[k]
+    return plain
+
+
+def _build(model: Any) -> tuple[torch.nn.Module, list[tuple[Any, Any, str, str]]]:
     hf = model.hf_model
     with torch.device("meta"):
         plain = type(hf)(hf.config)
+    links = []  # (twin module, bridged module, tensor name, "_parameters" or "_buffers")
     for path, mod in plain.named_modules():
         src = _unwrap(hf)
         for part in [p for p in path.split(".") if p]:
             src = _unwrap(getattr(src, part))
-        for k in list(mod._parameters):
-            if mod._parameters[k] is not None:
-                mod._parameters[k] = src._parameters[k]
-        for k in list(mod._buffers):
-            if mod._buffers[k] is not None:
-                mod._buffers[k] = src._buffers[k]
+        for kind in ("_parameters", "_buffers"):
+            links += [(mod, src, k, kind) for k, v in getattr(mod, kind).items() if v is not None]
+    for dst, src, k, kind in links:
+        getattr(dst, kind)[k] = getattr(src, kind)[k]
     left = [n for n, p in [*plain.named_parameters(), *plain.named_buffers()] if p.is_meta]
     if left:
         raise RuntimeError(f"the plain twin of {model.name!r} has unshared tensors {left[:5]}")
-    plain.eval()
-    model._twin = plain
-    return plain
+    return plain.eval(), links
 
 
 def hooked(model: Any) -> bool:
