@@ -62,7 +62,7 @@ def test_twin_shares_the_weights(model):
 
 def test_twin_follows_a_move_of_the_bridge():
     """`.to(dtype)` replaces the bridged modules' buffers (and data): the twin follows."""
-    m = tiny("llama")  # its own copy: the move changes it
+    m = tiny.__wrapped__("llama")  # its own model, not the cached one: the move changes it
     ids, mask = m.to_tokens(TEXTS[:2])
     _read(m, ids, mask, ["resid_post.1"], True)  # the twin is built
     m.bridge.to(torch.float64)
