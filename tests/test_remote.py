@@ -212,6 +212,33 @@ def test_remote_bad_hosts_fail_fast(checkpoints):
             srv.close()
 
 
+def test_remote_socket_closed_before_the_session_id_is_connection_lost(checkpoints, monkeypatch):
+    """An API that stops as a request starts closes the websocket: the first message is empty
+    (or not the session id). That is a ConnectionLost naming the host, not a JSON error."""
+    import websocket
+
+    class Closing:
+        def __init__(self, first):
+            self.first = first
+
+        def recv(self):
+            return self.first
+
+        def settimeout(self, t):
+            pass
+
+        def close(self):
+            pass
+
+    m = RemoteModel(checkpoints["llama"], host="http://127.0.0.1:9", check=False)
+    m._checked = True
+    ids, mask = m.to_tokens(TEXTS[:1])
+    for first in ("", "<html>gone</html>", '{"nope": 1}'):
+        monkeypatch.setattr(websocket, "create_connection", lambda *a, first=first, **k: Closing(first))
+        with pytest.raises(client.ConnectionLost, match=r"127.0.0.1:9: the websocket closed or sent no session id"):
+            m.run_with_points(ids, mask, ["final"])
+
+
 def test_remote_bad_arguments(checkpoints):
     path = checkpoints["llama"]
     with pytest.raises(ValueError, match="host must be an http"):

@@ -236,11 +236,18 @@ def _backend_class() -> type:
             )
             try:
                 try:
-                    request.session_id = json.loads(ws.recv())["session_id"]
+                    first = ws.recv()
                 except websocket.WebSocketTimeoutException as e:
                     raise RemoteTimeout(
                         f"NDIF host {self.host} accepted the connection but sent no session id "
                         f"within {self.connect:g} s: not an NDIF server, or a hung one"
+                    ) from e
+                try:  # an empty message: the API closed the socket (stopping mid-run)
+                    request.session_id = json.loads(first)["session_id"]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ConnectionLost(
+                        f"NDIF host {self.host}: the websocket closed or sent no session id "
+                        f"(got {str(first)[:80]!r}): server or API stopped?"
                     ) from e
                 self.send(request, blob)
                 while True:
