@@ -325,8 +325,10 @@ def test_grids_share_one_pass_and_equal_separate_grids(tiny_pair):
     assert one.ce_ablated == two.ce_ablated and one.ce_patched != two.ce_patched
     with pytest.raises(TypeError, match=r"map_sets\['bad'\]: maps keys must be"):
         E.grids(tiny_pair, {"bad": {"resid_post.1": Identity()}}, TEXTS)
-    with pytest.raises(ValueError, match="map_sets must be a non-empty dict"):
+    with pytest.raises(ValueError, match="map_sets must be a non-empty dict .*got an empty dict"):
         E.grids(tiny_pair, {}, TEXTS)
+    with pytest.raises(ValueError, match="map_sets must be a non-empty dict .*got list"):
+        E.grids(tiny_pair, [sets["one"]], TEXTS)
 
 
 def test_grid_with_fit_function(tiny_pair):

@@ -189,7 +189,8 @@ def grids(
     set (a paired comparison)."""
     n_boot, level, seed = check_interval_args(n_boot, level, seed)
     if not isinstance(map_sets, Mapping) or not map_sets:
-        raise ValueError(f"map_sets must be a non-empty dict {{label: maps}}, got {type(map_sets).__name__}")
+        got = "an empty dict" if isinstance(map_sets, Mapping) else type(map_sets).__name__
+        raise ValueError(f"map_sets must be a non-empty dict {{label: maps}}, got {got}")
     out = run_grids(
         pair, map_sets, texts, sources=sources, targets=targets, fit_texts=fit_texts, ablation=ablation,
         ablation_texts=ablation_texts, batch_size=batch_size, drop_first=drop_first, massive=massive,
@@ -215,13 +216,12 @@ def _set_entries(
 ) -> tuple[list[Point], list[Point], dict[tuple[Point, Point], Any]]:
     """One set's sources, targets and ``{cell: fitted map}`` (fit functions fit on `fit_texts`)."""
     where = "" if label is None else f"map_sets[{label!r}]: "
-    if label is None:
+    try:
         srcs, tgts, entries = _cells(pair, maps, sources, targets)
-    else:
-        try:
-            srcs, tgts, entries = _cells(pair, maps, sources, targets)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"{where}{e}") from None
+    except (TypeError, ValueError) as e:
+        if label is None:  # `grid` / `measure`: the message as it is
+            raise
+        raise type(e)(f"{where}{e}") from None
     fns = {c: m for c, m in entries.items() if not is_map(m)}
     for c, m in fns.items():
         if not callable(m):
